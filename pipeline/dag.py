@@ -1,0 +1,249 @@
+"""The stage DAG: declared as data here, planned against the cache, run as Ray tasks.
+
+A stage's cache key = its name + the config sections it reads + the code version (a hash of
+stages/*.py) + the fingerprints of what it reads from disk + its upstream stages' keys.
+Same key and a finished output in the store: the stage is skipped. Cache hits are decided
+before Ray starts, so a fully cached re-run never starts Ray at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.config import PipelineConfig, get
+from pipeline.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # its `run(cfg, inputs, out, log)` lives here
+    needs: tuple[str, ...] = ()
+    optional_needs: tuple[str, ...] = ()  # used when enabled, skipped when not
+    config_keys: tuple[str, ...] = ()  # the config it reads: a change re-runs it
+
+
+# The DAG, in a valid running order.
+STAGES = (
+    Stage("data_prep", "stages.data_prep",
+          config_keys=("data", "model.dir")),
+    Stage("mlm_pretrain", "stages.mlm_pretrain", needs=("data_prep",),
+          config_keys=("seed", "device", "model", "mlm")),
+    Stage("finetune", "stages.finetune", needs=("data_prep",), optional_needs=("mlm_pretrain",),
+          config_keys=("seed", "device", "model", "train", "loss")),
+    Stage("evaluate", "stages.evaluate", needs=("data_prep", "finetune"),
+          config_keys=("device", "train.eval_batch_size")),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+@dataclass
+class PlannedStage:
+    stage: Stage
+    key: str
+    inputs: tuple[str, ...]  # upstream stages whose outputs it receives
+    cached: bool
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan(cfg: PipelineConfig, store: ArtifactStore, force: list[str] = ()) -> list[PlannedStage]:
+    """The enabled stages in order, each with its cache key and whether it can be skipped."""
+    unknown = [f for f in force if f != "all" and f not in STAGE_NAMES]
+    if unknown:
+        raise ValueError(f"--force {unknown[0]}: unknown stage; stages are {', '.join(STAGE_NAMES)} or all")
+    code = code_version()
+    keys: dict[str, str] = {}
+    planned, rerun = [], set()
+    for stage in STAGES:
+        if not getattr(cfg.stages, stage.name).enabled:
+            continue
+        inputs = stage.needs + tuple(n for n in stage.optional_needs if n in keys)
+        key_material = {
+            "stage": stage.name,
+            "config": {k: _jsonable(get(cfg, k)) for k in stage.config_keys},
+            "files": _fingerprints(cfg, stage),
+            "code": code,
+            "upstream": {n: keys[n] for n in inputs},
+        }
+        keys[stage.name] = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
+        # A forced stage re-runs, and so does everything downstream of a re-run.
+        forced = "all" in force or stage.name in force or any(n in rerun for n in inputs)
+        cached = not forced and store.is_finished(stage.name, keys[stage.name])
+        if not cached:
+            rerun.add(stage.name)
+        planned.append(PlannedStage(stage, keys[stage.name], inputs, cached))
+    return planned
+
+
+def code_version() -> str:
+    """Hash of the stage code: any edit to stages/ invalidates cached outputs."""
+    h = hashlib.sha256()
+    for path in sorted((REPO / "stages").glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _fingerprints(cfg: PipelineConfig, stage: Stage) -> dict:
+    """Content hashes of the files a stage reads that the config names only by path."""
+    out = {}
+    if stage.name == "data_prep":
+        for f in dataclasses.fields(cfg.data):
+            value = getattr(cfg.data, f.name)
+            if f.name.endswith(("_train", "_dev", "_test")) and value:
+                out[f.name] = _file_hash(Path(cfg.data.dir) / value)
+    if any(k == "model" or k.startswith("model.") for k in stage.config_keys):
+        model_dir = Path(cfg.model.dir)
+        for name in ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt"):
+            if (model_dir / name).exists():
+                out[f"model/{name}"] = _file_hash(model_dir / name)
+    return out
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    if not path.exists():
+        return "missing"  # data_prep reports the missing file with a proper message
+    stat = path.stat()
+    memo = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[memo] = h.hexdigest()[:16]
+    return _HASHES[memo]
+
+
+def _jsonable(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+# ---------------------------------------------------------------- execution
+
+
+@dataclass
+class RunContext:
+    """What the driver hands each stage task: where to log and where outputs go."""
+    cfg: PipelineConfig
+    store_location: str
+    tracking_uri: str
+
+
+def execute(planned: list[PlannedStage], ctx: RunContext, stage_runs: dict[str, str],
+            ray_address: str | None, ray_num_cpus: int | None) -> dict[str, dict]:
+    """Run the stages that are not cached as Ray tasks; return every stage's result."""
+    store = ArtifactStore(ctx.store_location)
+    results = {p.stage.name: store.read_result(p.stage.name, p.key) for p in planned if p.cached}
+    todo = [p for p in planned if not p.cached]
+    if not todo:
+        print("all stages cached; Ray not started")
+        return results
+
+    import ray  # only when something has to run: a fully cached re-run never starts Ray
+
+    if not ray.is_initialized():
+        local = ray_address is None
+        # A local Ray's workers import stages/ from this checkout; a cluster job brings its
+        # own working_dir (see `pipeline submit`), so it keeps the job's runtime_env.
+        env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}} if local else None
+        ray.init(address=ray_address, num_cpus=ray_num_cpus if local else None, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=True, runtime_env=env)
+    _check_resources(ray, todo, ctx.cfg, local=ray_address is None)
+
+    remote = ray.remote(_run_stage)
+    refs: dict[str, object] = {}
+    for p in todo:
+        opts = getattr(ctx.cfg.stages, p.stage.name)
+        upstream = [refs[n] for n in p.inputs if n in refs]  # Ray waits for these first
+        refs[p.stage.name] = remote.options(
+            name=p.stage.name, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus,
+            max_retries=opts.max_retries,
+        ).remote(p.stage.name, p.key, {n: _key_of(planned, n) for n in p.inputs}, ctx,
+                 stage_runs[p.stage.name], *upstream)
+    for p in todo:
+        try:
+            results[p.stage.name] = ray.get(refs[p.stage.name])
+        except ray.exceptions.RayTaskError as e:
+            raise StageFailed(f"stage {p.stage.name} failed:\n{_cause(e)}") from None
+        except ray.exceptions.WorkerCrashedError as e:
+            raise StageFailed(f"stage {p.stage.name} failed: its Ray worker died ({e})") from None
+    return results
+
+
+def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, run_id: str, *_upstream) -> dict:
+    """Body of a stage's Ray task: scratch folder in, published output and result out."""
+    stage = next(s for s in STAGES if s.name == name)
+    store = ArtifactStore(ctx.store_location)
+    inputs = {n: store.local_dir(n, k) for n, k in input_keys.items()}
+    log = tracking.StageLogger(ctx.tracking_uri, run_id)
+    scratch = store.scratch_dir(name, key)
+    start = time.time()
+    try:
+        result = importlib.import_module(stage.module).run(ctx.cfg, inputs, scratch, log)
+    except BaseException:
+        tracking.set_tags(ctx.tracking_uri, run_id, {"error": traceback.format_exc()[-4000:]})
+        store.discard(scratch)
+        raise
+    result = _relative_paths(dict(result or {}), scratch)
+    result["seconds"] = round(time.time() - start, 2)
+    result.setdefault("metrics", {})
+    store.publish(name, key, scratch, result)
+    return result
+
+
+def _relative_paths(result: dict, root: Path) -> dict:
+    """Paths a stage returns point into its scratch folder; store them relative to the output."""
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, str) and v.startswith(str(root)):
+            v = os.path.relpath(v, root)
+        elif isinstance(v, dict):
+            v = _relative_paths(v, root)
+        out[k] = v
+    return out
+
+
+def _key_of(planned: list[PlannedStage], name: str) -> str:
+    return next(p.key for p in planned if p.stage.name == name)
+
+
+def _check_resources(ray, todo: list[PlannedStage], cfg: PipelineConfig, local: bool) -> None:
+    """A local Ray never grows: a stage asking for more than it has would wait forever."""
+    if not local:
+        return
+    have = ray.cluster_resources()
+    for p in todo:
+        opts = getattr(cfg.stages, p.stage.name)
+        for resource, want in (("CPU", opts.num_cpus), ("GPU", opts.num_gpus)):
+            if want > have.get(resource, 0):
+                raise ValueError(
+                    f"stages.{p.stage.name}.num_{resource.lower()}s = {want}, but the local Ray has "
+                    f"{have.get(resource, 0):g} {resource}s; lower it with --set stages.{p.stage.name}."
+                    f"num_{resource.lower()}s=... or run on a cluster (ray.address)")
+
+
+def _cause(error) -> str:
+    """The stage's own exception text, without Ray's wrapping."""
+    cause = getattr(error, "cause", None)
+    if cause is not None:
+        return "".join(traceback.format_exception_only(type(cause), cause)).strip()
+    return str(error)

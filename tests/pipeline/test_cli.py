@@ -1,0 +1,113 @@
+"""End to end: the real CLI, `--smoke`, on a real local Ray and a real MLflow sqlite store."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_data_dir):
+    work = tmp_path_factory.mktemp("e2e")
+    (work / "exp.yaml").write_text(
+        "# smoke test config\n"
+        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
+        "stages:\n  mlm_pretrain: {enabled: true, num_cpus: 1}\n"
+        "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
+        "tracking:\n  experiment: e2e\n")
+    return work
+
+
+def run_cli(work, *args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env["RAY_TMPDIR"] = ray_tmp
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "exp.yaml", "--smoke", *args],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir):
+    proc = run_cli(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def mlflow_runs(work):
+    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_smoke_run_records_parent_and_stage_runs(workdir, first_run):
+    client, runs = mlflow_runs(workdir)
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
+    for run in [parent, *children]:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.lr"] == "0.001"  # the smoke override, same name everywhere
+        assert run.data.params["loss.weights.sst"] == "1.0"
+        assert len(run.data.tags["git_commit"]) >= 7
+    by_stage = {r.data.tags["stage"]: r for r in children}
+    evaluate = by_stage["evaluate"].data.metrics
+    for name in ("dev/sst_acc", "dev/para_acc", "dev/sts_corr", "dev/overall"):
+        assert name in evaluate and name in parent.data.metrics
+    expected = (evaluate["dev/sst_acc"] + evaluate["dev/para_acc"] + (evaluate["dev/sts_corr"] + 1) / 2) / 3
+    assert evaluate["dev/overall"] == pytest.approx(expected, abs=1e-6)
+    history = client.get_metric_history(by_stage["finetune"].info.run_id, "dev/overall")
+    assert sorted(m.step for m in history) == [1, 2]  # one point per epoch, numbered from 1
+    assert "mlm/heldout_perplexity" in by_stage["mlm_pretrain"].data.metrics
+    assert "data/dropped_rows" in by_stage["data_prep"].data.metrics
+    artifacts = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "predictions")]
+    assert "predictions/sst-test-output.csv" in artifacts
+    assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert "dev/overall" in first_run.stdout and "mlflow ui --backend-store-uri" in first_run.stdout
+
+
+def test_smoke_run_writes_starter_format_predictions(workdir, first_run):
+    predictions = list((workdir / "artifacts" / "evaluate").glob("*/predictions"))
+    assert len(predictions) == 1
+    headers = {"sst": "id \t Predicted_Sentiment \n", "para": "id \t Predicted_Is_Paraphrase \n",
+               "sts": "id \t Predicted_Similiary \n"}
+    for task, header in headers.items():
+        lines = (predictions[0] / f"{task}-dev-output.csv").read_text().splitlines(keepends=True)
+        assert lines[0] == header
+        assert len(lines) > 1 and all(" , " in line and line.endswith(" \n") for line in lines[1:])
+    assert (predictions[0].parent / "submission.zip").exists()
+
+
+def test_second_identical_run_skips_every_stage(workdir, first_run):
+    proc = run_cli(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("cached, skipped") == len(STAGES)
+    assert "Ray not started" in proc.stdout
+    client, runs = mlflow_runs(workdir)
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 2
+    second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    assert all(r.data.tags["cache_hit"] == "True" for r in second)
+    assert parents[1].data.metrics["dev/overall"] == parents[0].data.metrics["dev/overall"]
+
+
+def test_bad_override_is_a_clear_error_and_starts_nothing(workdir):
+    proc = run_cli(workdir, "--set", "train.lrr=1")
+    assert proc.returncode == 2
+    assert "unknown key 'train.lrr'" in proc.stderr

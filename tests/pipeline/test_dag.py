@@ -1,0 +1,97 @@
+"""Planning: cache keys change exactly when a stage's inputs change; --force cascades."""
+
+import pytest
+
+from pipeline import dag
+from pipeline.config import PipelineConfig, apply_overrides
+from pipeline.store import ArtifactStore
+
+
+@pytest.fixture
+def cfg(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ids-sst-train.csv").write_text("\tid\tsentence\tsentiment\n0\ta\thello\t1\n")
+    return apply_overrides(PipelineConfig(), {"data.dir": str(data), "model.dir": str(tiny_model_dir)})
+
+
+def finish(store, planned):
+    for p in planned:
+        store.publish(p.stage.name, p.key, store.scratch_dir(p.stage.name, p.key), {"metrics": {}})
+
+
+def test_enabled_stages_in_order(cfg, tmp_path):
+    store = ArtifactStore(str(tmp_path / "a"))
+    assert [p.stage.name for p in dag.plan(cfg, store)] == ["data_prep", "finetune", "evaluate"]
+    cfg = apply_overrides(cfg, {"stages.mlm_pretrain.enabled": True})
+    planned = dag.plan(cfg, store)
+    assert [p.stage.name for p in planned] == ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
+    assert planned[2].inputs == ("data_prep", "mlm_pretrain")
+
+
+def test_finished_stages_are_cache_hits(cfg, tmp_path):
+    store = ArtifactStore(str(tmp_path / "a"))
+    first = dag.plan(cfg, store)
+    assert not any(p.cached for p in first)
+    finish(store, first)
+    again = dag.plan(cfg, store)
+    assert all(p.cached for p in again)
+    assert [p.key for p in again] == [p.key for p in first]
+
+
+def test_half_written_output_is_not_a_cache_hit(cfg, tmp_path):
+    store = ArtifactStore(str(tmp_path / "a"))
+    p = dag.plan(cfg, store)[0]
+    out = tmp_path / "a" / p.stage.name / p.key
+    out.mkdir(parents=True)
+    (out / "sst-train.arrow").write_text("partial")  # a crash before _SUCCESS
+    assert not dag.plan(cfg, store)[0].cached
+
+
+def test_a_config_change_reruns_only_the_stages_that_read_it(cfg, tmp_path):
+    store = ArtifactStore(str(tmp_path / "a"))
+    finish(store, dag.plan(cfg, store))
+    changed = dag.plan(apply_overrides(cfg, {"train.lr": 1e-3}), store)
+    assert [p.cached for p in changed] == [True, False, False]  # evaluate follows its new upstream
+    changed = dag.plan(apply_overrides(cfg, {"data.max_length": 64}), store)
+    assert [p.cached for p in changed] == [False, False, False]
+
+
+def test_input_file_content_is_part_of_the_key(cfg, tmp_path):
+    store = ArtifactStore(str(tmp_path / "a"))
+    before = dag.plan(cfg, store)[0].key
+    (tmp_path / "data" / "ids-sst-train.csv").write_text("\tid\tsentence\tsentiment\n0\ta\tbye\t1\n")
+    assert dag.plan(cfg, store)[0].key != before
+
+
+def test_force_cascades_downstream(cfg, tmp_path):
+    store = ArtifactStore(str(tmp_path / "a"))
+    finish(store, dag.plan(cfg, store))
+    assert [p.cached for p in dag.plan(cfg, store, ["finetune"])] == [True, False, False]
+    assert [p.cached for p in dag.plan(cfg, store, ["all"])] == [False, False, False]
+    with pytest.raises(ValueError, match="--force finetun: unknown stage"):
+        dag.plan(cfg, store, ["finetun"])
+
+
+def test_publish_keeps_the_first_finished_copy(tmp_path):
+    store = ArtifactStore(str(tmp_path / "a"))
+    first, second = store.scratch_dir("s", "k"), store.scratch_dir("s", "k")
+    (first / "x").write_text("first")
+    (second / "x").write_text("second")
+    store.publish("s", "k", first, {"who": 1})
+    store.publish("s", "k", second, {"who": 2})  # a concurrent run finishing later
+    assert store.read_result("s", "k") == {"who": 1}
+    assert (tmp_path / "a" / "s" / "k" / "x").read_text() == "first"
+    assert not second.exists()
+
+
+def test_pyarrow_uri_store_round_trip(tmp_path):
+    store = ArtifactStore((tmp_path / "remote").as_uri())  # file:// goes through pyarrow.fs
+    scratch = store.scratch_dir("s", "k")
+    (scratch / "model").mkdir()
+    (scratch / "model" / "w.bin").write_bytes(b"abc")
+    store.publish("s", "k", scratch, {"metrics": {"m": 1.0}})
+    assert store.is_finished("s", "k")
+    assert store.read_result("s", "k")["metrics"] == {"m": 1.0}
+    local = store.local_dir("s", "k", cache=tmp_path / "cache")
+    assert (local / "model" / "w.bin").read_bytes() == b"abc"
