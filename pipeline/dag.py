@@ -192,6 +192,7 @@ def execute(planned: list[PlannedStage], ctx: RunContext, stage_runs: dict[str, 
 def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, run_id: str, *_upstream) -> dict:
     """Body of a stage's Ray task: scratch folder in, published output and result out."""
     stage = next(s for s in STAGES if s.name == name)
+    _use_reserved_cpus(getattr(ctx.cfg.stages, name).num_cpus)
     store = ArtifactStore(ctx.store_location)
     inputs = {n: store.local_dir(n, k) for n, k in input_keys.items()}
     log = tracking.StageLogger(ctx.tracking_uri, run_id)
@@ -208,6 +209,14 @@ def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext,
     result.setdefault("metrics", {})
     store.publish(name, key, scratch, result)
     return result
+
+
+def _use_reserved_cpus(num_cpus: float) -> None:
+    """As many torch threads as CPUs Ray reserved: a reused worker keeps the thread count of
+    its first task, and more threads than cores makes CPU training many times slower."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
 
 
 def _relative_paths(result: dict, root: Path) -> dict:

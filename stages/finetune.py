@@ -72,11 +72,11 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     total_steps = sum(len(steps) for steps in plan)
 
     # ---- optimizer: no weight decay on biases and LayerNorm weights (the 1-D parameters)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr)
+        lr=tc.lr, fused=device.type == "cuda")
     warmup = int(tc.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _linear_warmup_decay(step, warmup, total_steps))
 

@@ -13,6 +13,16 @@ from stages.multitask_model import (MultitaskModel, load_multitask, make_batch, 
                                     save_multitask)
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from two threads, and on a busy 2-core machine the second
+    thread spin-waits for a core; one thread keeps these tests at a few seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, shared_data_dir, tiny_model_dir):
     cfg = apply_overrides(PipelineConfig(), {
