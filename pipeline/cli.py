@@ -1,6 +1,7 @@
 """`python -m pipeline VERB ...`: the command line.
 
-    python -m pipeline run [CONFIG] [--set KEY=VALUE ...] [--force STAGE|all] [--smoke]
+    python -m pipeline run [CONFIG] [--set KEY=VALUE ...] [--force STAGE|all] [--smoke] [--variant GRID:NAME]
+    python -m pipeline tune [CONFIG] --space search_spaces/NAME.yaml [--trials N] [--smoke] [--resume]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline import dag, tracking
+from pipeline.grids import variant_overrides
 from pipeline.config import SMOKE_OVERRIDES, ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config, resolve_path
 from pipeline.store import ArtifactStore
 
@@ -31,11 +33,33 @@ def main(argv: list[str] | None = None) -> int:
                      help="re-run this stage (and what follows it) even if cached (repeatable)")
     run.add_argument("--smoke", action="store_true",
                      help="same DAG on a tiny random-weight BERT and ~64 rows per split")
+    run.add_argument("--variant", metavar="GRID:NAME",
+                     help="apply a named variant of an ablation grid first, e.g. "
+                          "search_spaces/ablations/techniques.yaml:pcgrad (tags the runs ablation=NAME)")
+
+    tune = verbs.add_parser("tune", help="hyperparameter search (Ray Tune + Optuna) over finetune + evaluate")
+    tune.add_argument("config", nargs="?", default="pipeline.yaml", help="experiment YAML (default: pipeline.yaml)")
+    tune.add_argument("--space", required=True, metavar="FILE", help="search space YAML, e.g. search_spaces/default.yaml")
+    tune.add_argument("--trials", type=int, default=8, help="number of trials (default: 8)")
+    tune.add_argument("--smoke", action="store_true", help="trials on the smoke setting: tiny BERT, ~64 rows per split")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key before the search (repeatable)")
+    tune.add_argument("--variant", metavar="GRID:NAME", help="search around a named ablation variant")
+    tune.add_argument("--name", help="the search's name (default: SPACE[-smoke]-TIMESTAMP); with --resume, which one")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue an interrupted search (default: the latest of this space) without redoing finished trials")
+    tune.add_argument("--seed", type=int, help="the searcher's seed (default: the config's seed)")
+    tune.add_argument("--include-config", action="store_true",
+                      help="make the first trial the config's own values (Optuna points_to_evaluate)")
 
     args = parser.parse_args(argv)
     try:
         if args.verb == "run":
             return cmd_run(args)
+        if args.verb == "tune":
+            from pipeline.tune import cmd_tune  # imports Ray Tune: only for this verb
+
+            return cmd_tune(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -44,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args) -> int:
     config_path = Path(args.config).resolve()
-    cfg = load_config(config_path, args.overrides)
+    cfg = load_config(config_path)
+    ablation = "none"
+    if args.variant:  # the variant first, so --set still has the last word
+        ablation, variant = variant_overrides(args.variant, cfg)
+        cfg = apply_overrides(cfg, variant)
+    cfg = apply_overrides(cfg, args.overrides)
     config_dir = config_path.parent
     store_location = artifacts_location(cfg, config_dir)
     if args.smoke:
@@ -66,13 +95,13 @@ def cmd_run(args) -> int:
     commit = tracking.git_commit(REPO)
     params = flatten(cfg)
     parent = tracking.start_run(uri, experiment_id, "smoke" if args.smoke else "pipeline",
-                                {"stage": "pipeline", "git_commit": commit, "ablation": "none",
+                                {"stage": "pipeline", "git_commit": commit, "ablation": ablation,
                                  "smoke": args.smoke, "config_file": str(config_path)}, params=params)
     tracking.log_text(uri, parent, dump_yaml(cfg), "config.yaml")
     stage_runs = {
         p.stage.name: tracking.start_run(
             uri, experiment_id, p.stage.name,
-            {"stage": p.stage.name, "git_commit": commit, "ablation": "none", "cache_key": p.key,
+            {"stage": p.stage.name, "git_commit": commit, "ablation": ablation, "cache_key": p.key,
              "cache_hit": p.cached}, parent_id=parent, params=params)
         for p in planned
     }

@@ -48,6 +48,16 @@ class DataConfig:
 
 
 @dataclass
+class PalsConfig:
+    # Projected attention layers (Stickland & Murray 2019): per task, a low-rank multi-head
+    # attention of width `size` beside every layer's self-attention; the encoder/decoder
+    # projections into and out of it are shared across layers.
+    enabled: bool = False
+    size: int = 204  # d_a; the paper's value for a 768-wide BERT
+    heads: int = 12
+
+
+@dataclass
 class ModelConfig:
     # A HuggingFace-format BERT folder (config.json + model.safetensors or
     # pytorch_model.bin + tokenizer.json or vocab.txt). null: all-MiniLM-L6-v2 from the
@@ -55,6 +65,15 @@ class ModelConfig:
     dir: str | None = None
     pooling: Literal["cls", "mean"] = "cls"
     dropout: float = 0.1
+    # separate: each pair sentence encoded on its own (u, v); concat: "[CLS] a [SEP] b [SEP]"
+    # encoded once with token type ids, the head on its pooled vector.
+    pair_encoding: Literal["separate", "concat"] = "separate"
+    pair_head: Literal["linear", "sbert"] = "linear"  # sbert: para/sts heads on [u, v, |u - v|]
+    sts_head: Literal["linear", "cosine"] = "linear"  # cosine: cos(u, v) scaled to 0..5
+    head_layers: int = 1  # 1: one linear layer; 3: Linear-BatchNorm-GELU-Dropout twice, then Linear
+    shared_encoder: bool = True  # false: one encoder per task, no weight sharing
+    freeze_encoder: bool = False  # only the heads (and PALs) train
+    pals: PalsConfig = field(default_factory=PalsConfig)
 
 
 @dataclass
@@ -69,6 +88,19 @@ class MlmConfig:
 
 
 @dataclass
+class SmartConfig:
+    # SMART (Jiang et al. 2020): smoothness-inducing adversarial regularisation of the
+    # embeddings plus a Bregman proximal point term towards a momentum copy of the model.
+    enabled: bool = False
+    weight: float = 1.0  # lambda_s, the adversarial smoothness term
+    noise_std: float = 1e-5  # initial random perturbation of the embeddings
+    step_size: float = 1e-3  # one ascent step on the perturbation
+    epsilon: float = 1e-5  # the perturbation's max-norm radius
+    proximal_weight: float = 1.0  # mu, the Bregman proximal term; 0: off
+    proximal_beta: float = 0.99  # momentum of the proximal copy
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 32
@@ -77,10 +109,19 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
-    sampling: Literal["round_robin", "proportional", "annealed"] = "proportional"
+    # Which task(s) a step trains: round_robin (one task per step, in turn), proportional
+    # (p_i ~ N_i), annealed (p_i ~ N_i^alpha), summed (a batch of every task, losses summed
+    # into one backward), sequential (all of sst, then para, then sts, each epoch).
+    sampling: Literal["round_robin", "proportional", "annealed", "summed", "sequential"] = "proportional"
     alpha_start: float = 1.0  # annealed sampling: p_i ~ N_i^alpha, alpha start -> end
     alpha_end: float = 0.2
     steps_per_epoch: int | None = None  # null: every task's batches once (round robin: smallest task)
+    pcgrad: bool = False  # gradient surgery (Yu et al. 2020); needs sampling: summed
+    layerwise_lr_decay: float = 1.0  # lr x decay^(layers above); 1.0: off
+    lookahead: bool = False  # Lookahead (Zhang et al. 2019) around AdamW
+    lookahead_k: int = 5
+    lookahead_alpha: float = 0.5
+    smart: SmartConfig = field(default_factory=lambda: SmartConfig())
 
 
 @dataclass
@@ -93,6 +134,14 @@ class TaskWeights:
 @dataclass
 class LossConfig:
     weights: TaskWeights = field(default_factory=TaskWeights)
+    weighting: Literal["fixed", "normalized"] = "fixed"  # normalized: loss / its running mean magnitude
+    # cosine_embedding: CosineEmbeddingLoss on (u, v) for para (target +1/-1) and sts
+    # (target +1 when similarity >= 2.5, else -1), with the cosine as the prediction.
+    pair_loss: Literal["default", "cosine_embedding"] = "default"
+    # > 0: the first N epochs train sts with a multiple-negatives ranking loss over pairs with
+    # similarity >= 4 (in-batch negatives), then the cosine head's loss.
+    sts_mnr_epochs: int = 0
+    mnr_scale: float = 20.0
 
 
 @dataclass
@@ -223,6 +272,7 @@ def validate(cfg: PipelineConfig, where: str = "config") -> None:
         stage = getattr(cfg.stages, name)
         if stage.num_cpus < 0 or stage.num_gpus < 0 or stage.max_retries < 0:
             raise ConfigError(f"{where}: stages.{name}: num_cpus, num_gpus, max_retries must be >= 0")
+    _check_technique_combinations(cfg, where)
     # A stage that needs a disabled stage cannot run. (mlm_pretrain is optional for finetune.)
     needs = {"mlm_pretrain": ["data_prep"], "finetune": ["data_prep"], "evaluate": ["data_prep", "finetune"]}
     for stage, required in needs.items():
@@ -231,6 +281,44 @@ def validate(cfg: PipelineConfig, where: str = "config") -> None:
                 if not getattr(cfg.stages, dep).enabled:
                     raise ConfigError(
                         f"{where}: stages.{stage} is enabled but depends on stages.{dep}, which is disabled")
+
+
+def _check_technique_combinations(cfg: PipelineConfig, where: str) -> None:
+    """Combinations that cannot mean anything are errors, never silent no-ops."""
+    m, t, loss = cfg.model, cfg.train, cfg.loss
+    if m.head_layers not in (1, 3):
+        raise ConfigError(f"{where}: model.head_layers must be 1 or 3, got {m.head_layers}")
+    if m.pals.enabled and (m.pals.size <= 0 or m.pals.heads <= 0 or m.pals.size % m.pals.heads):
+        raise ConfigError(f"{where}: model.pals.size ({m.pals.size}) must be a positive multiple of model.pals.heads ({m.pals.heads})")
+    if t.pcgrad and t.sampling != "summed":
+        raise ConfigError(f"{where}: train.pcgrad needs train.sampling: summed (every task's gradient in one step); "
+                          f"with {t.sampling} a step holds one task's gradient, so there is nothing to project")
+    if m.pair_encoding == "concat":
+        for key, value, off in (("model.pair_head", m.pair_head, "linear"), ("model.sts_head", m.sts_head, "linear"),
+                                ("loss.pair_loss", loss.pair_loss, "default"), ("loss.sts_mnr_epochs", loss.sts_mnr_epochs, 0)):
+            if value != off:
+                raise ConfigError(f"{where}: {key}: {value} needs two sentence embeddings, but "
+                                  f"model.pair_encoding: concat encodes a pair as one sequence")
+    if loss.pair_loss == "cosine_embedding" and m.pair_head == "sbert":
+        raise ConfigError(f"{where}: loss.pair_loss: cosine_embedding scores pairs by cos(u, v), so "
+                          f"model.pair_head: sbert would never be used; pick one")
+    if loss.sts_mnr_epochs < 0:
+        raise ConfigError(f"{where}: loss.sts_mnr_epochs must be >= 0")
+    if loss.sts_mnr_epochs:
+        if m.sts_head != "cosine":
+            raise ConfigError(f"{where}: loss.sts_mnr_epochs needs model.sts_head: cosine (MNR trains the cosine geometry)")
+        if loss.sts_mnr_epochs >= t.epochs:
+            raise ConfigError(f"{where}: loss.sts_mnr_epochs ({loss.sts_mnr_epochs}) must be below train.epochs "
+                              f"({t.epochs}): the cosine loss follows it")
+    if m.freeze_encoder and t.layerwise_lr_decay != 1.0:
+        raise ConfigError(f"{where}: train.layerwise_lr_decay has no effect with model.freeze_encoder: true")
+    if not 0 < t.layerwise_lr_decay <= 1:
+        raise ConfigError(f"{where}: train.layerwise_lr_decay must be in (0, 1], got {t.layerwise_lr_decay}")
+    if t.lookahead and (t.lookahead_k < 1 or not 0 < t.lookahead_alpha < 1):
+        raise ConfigError(f"{where}: train.lookahead_k must be >= 1 and train.lookahead_alpha in (0, 1) "
+                          f"(alpha 1 is plain AdamW)")
+    if t.smart.enabled and (t.smart.weight < 0 or t.smart.epsilon <= 0 or t.smart.step_size <= 0):
+        raise ConfigError(f"{where}: train.smart: weight must be >= 0, epsilon and step_size > 0")
 
 
 def get(cfg: Any, key: str) -> Any:

@@ -5,6 +5,11 @@ The modules carry HuggingFace's names (`embeddings.word_embeddings`,
 names in a HuggingFace `model.safetensors` and loading is a rename-free copy. The numerics
 follow `transformers.BertModel` (absolute positions, exact erf GELU, post-LayerNorm);
 tests/stages/test_encoder.py checks them against it on all-MiniLM-L6-v2.
+
+Optionally an encoder carries projected attention layers (PALs, Stickland & Murray 2019, "BERT
+and PALs"), one set per task, under `pals.{task}.*`. They are not HuggingFace tensors:
+save_bert leaves them out (the folder stays loadable by transformers), and the multitask
+model saves them beside it.
 """
 
 from __future__ import annotations
@@ -99,9 +104,30 @@ class BertEncoder(nn.Module):
         self.encoder = _modules(layer=nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers)))
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
         self.apply(_init_weights)
+        self.pals: nn.ModuleDict | None = None  # {task: ProjectedAttention}, set by add_pals
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """input_ids, attention_mask (1 = real token, 0 = pad), token_type_ids: [B, T]."""
+    def add_pals(self, tasks, size: int, heads: int) -> BertEncoder:
+        """Gives each task its projected attention layers; the encoder's outputs stay unchanged
+        until training moves their zero-initialised decoders V_D."""
+        if size <= 0 or heads <= 0 or size % heads:
+            raise ValueError(f"PALs size ({size}) must be a positive multiple of heads ({heads})")
+        c = self.config
+        pals = nn.ModuleDict({task: ProjectedAttention(c.hidden_size, size, heads, c.num_hidden_layers,
+                                                       c.attention_probs_dropout_prob) for task in tasks})
+        self.pals = pals.to(self.embeddings.word_embeddings.weight.device)
+        return self
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+                task: str | None = None) -> Tensor:
+        """input_ids, attention_mask (1 = real token, 0 = pad), token_type_ids: [B, T].
+
+        `task` picks that task's PALs when the encoder has them; None (or no PALs) is plain BERT.
+        """
+        pals = None
+        if task is not None and self.pals is not None:
+            if task not in self.pals:
+                raise ValueError(f"task {task!r} has no PALs in this encoder (it has {list(self.pals)})")
+            pals = self.pals[task]
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
@@ -112,8 +138,8 @@ class BertEncoder(nn.Module):
         x = e.word_embeddings(input_ids) + e.token_type_embeddings(token_type_ids) + e.position_embeddings(positions)
         x = self.dropout(e.LayerNorm(x))
         keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]: every query sees the real keys
-        for layer in self.encoder.layer:
-            x = layer(x, keep)
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, keep, beside=None if pals is None else pals(i, x, keep))
         return x
 
 
@@ -132,20 +158,48 @@ class BertLayer(nn.Module):
         self.output = _modules(dense=nn.Linear(i, h), LayerNorm=nn.LayerNorm(h, eps=c.layer_norm_eps))
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        B, T, H = x.shape
+    def forward(self, x: Tensor, keep: Tensor, beside: Tensor | None = None) -> Tensor:
+        """`beside`: a PAL's output for this layer's input x, added before the last LayerNorm."""
         attn = self.attention
-        q, k, v = (
-            proj(x).view(B, T, self.n_heads, H // self.n_heads).transpose(1, 2)
-            for proj in (attn.self.query, attn.self.key, attn.self.value)
-        )
-        # An additive mask in q's dtype (bf16 under autocast) rather than a boolean one: a row
-        # with no real token then attends uniformly, as in HuggingFace, instead of giving NaN.
-        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, torch.finfo(q.dtype).min)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0)
-        x = attn.output.LayerNorm(x + self.dropout(attn.output.dense(ctx.transpose(1, 2).reshape(B, T, H))))
+        ctx = _attention(x, attn.self, self.n_heads, keep, self.attn_dropout if self.training else 0.0)
+        x = attn.output.LayerNorm(x + self.dropout(attn.output.dense(ctx)))
         y = self.output.dense(F.gelu(self.intermediate.dense(x)))  # F.gelu default is exact erf GELU
-        return self.output.LayerNorm(x + self.dropout(y))
+        if beside is None:
+            return self.output.LayerNorm(x + self.dropout(y))
+        return self.output.LayerNorm(x + self.dropout(y) + beside)
+
+
+class ProjectedAttention(nn.Module):
+    """One task's projected attention layers (Stickland & Murray 2019).
+
+    Beside layer l, the task-specific term TS_l(h) = V_D · MH_l(V_E · h): the layer input h
+    (width H) is projected down to `size` by V_E, goes through a small multi-head
+    self-attention of its own (query/key/value per layer, no output matrix: V_D plays that
+    part), and back up to H by V_D. V_E and V_D are one pair per task, shared by all layers.
+    The paper writes the layer as LN(h + SA(h) + TS(h)); as in the authors' code
+    (Bert-n-Pals, modeling.py), TS(h) joins the sum that the layer's last LayerNorm
+    normalises, LN(a + FFN(a) + TS(h)) with a = LN(h + MH(h)). Their code also puts a GELU
+    after V_D, which the paper's formula does not have; this follows the formula. V_D starts at
+    zero, so an encoder with fresh PALs computes exactly plain BERT.
+    """
+
+    def __init__(self, hidden: int, size: int, heads: int, num_layers: int, attn_dropout: float):
+        super().__init__()
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.encode = nn.Linear(hidden, size)  # V_E
+        self.decode = nn.Linear(size, hidden)  # V_D
+        self.layer = nn.ModuleList(
+            _modules(query=nn.Linear(size, size), key=nn.Linear(size, size), value=nn.Linear(size, size))
+            for _ in range(num_layers))
+        self.apply(_init_weights)
+        nn.init.zeros_(self.decode.weight)
+        nn.init.zeros_(self.decode.bias)
+
+    def forward(self, index: int, x: Tensor, keep: Tensor) -> Tensor:
+        """TS_index(x): [B, T, H] -> [B, T, H]."""
+        ctx = _attention(self.encode(x), self.layer[index], self.heads, keep,
+                         self.attn_dropout if self.training else 0.0)
+        return self.decode(ctx)
 
 
 def pool(hidden: Tensor, attention_mask: Tensor, how: str) -> Tensor:
@@ -216,13 +270,15 @@ def load_bert(model_dir, dropout: float | None = None) -> BertEncoder:
 
 
 def save_bert(encoder: BertEncoder, out_dir, tokenizer_from=None) -> Path:
-    """Writes a HuggingFace BERT folder: config.json, model.safetensors, tokenizer files."""
+    """Writes a HuggingFace BERT folder: config.json, model.safetensors, tokenizer files (no PALs)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(encoder.config.to_dict(), indent=2, sort_keys=True) + "\n")
-    tensors = {name: t.detach().cpu().contiguous() for name, t in encoder.state_dict().items()}
+    # PALs are the multitask model's to save: transformers and load_bert know no such tensors.
+    tensors = {name: t.detach().cpu().contiguous() for name, t in encoder.state_dict().items()
+               if not name.startswith("pals.")}
     # transformers refuses a safetensors file without format metadata.
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_from is not None:
@@ -234,6 +290,18 @@ def save_bert(encoder: BertEncoder, out_dir, tokenizer_from=None) -> Path:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _attention(x: Tensor, qkv: nn.Module, n_heads: int, keep: Tensor, dropout_p: float) -> Tensor:
+    """Multi-head scaled dot-product self-attention of x [B, T, W] with qkv.query/key/value;
+    the heads' outputs concatenated back to [B, T, W], before any output projection."""
+    B, T, _ = x.shape
+    q, k, v = (proj(x).view(B, T, n_heads, -1).transpose(1, 2) for proj in (qkv.query, qkv.key, qkv.value))
+    # An additive mask in q's dtype (bf16 under autocast) rather than a boolean one: a row
+    # with no real token then attends uniformly, as in HuggingFace, instead of giving NaN.
+    bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, torch.finfo(q.dtype).min)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    return ctx.transpose(1, 2).reshape(B, T, -1)
 
 
 def _modules(**children: nn.Module) -> nn.Module:

@@ -1,15 +1,21 @@
 """Stage finetune: train the multitask model (sst, para, sts) on data_prep's splits.
 
-Reads top to bottom like nanoGPT's train.py: seed, data, model, optimizer and schedule, then
-the epoch loop. Each step takes one batch of one task; which task comes from
-stages.samplers (round robin, proportional or annealed). After each epoch every dev split is
-predicted and scored; the best epoch by dev/overall is saved to out/model (encoder as a
-HuggingFace BERT folder + heads), and out/history.json keeps the per-epoch metrics.
-Starts from mlm_pretrain's model when that stage ran, else from cfg.model.dir.
+Reads top to bottom like nanoGPT's train.py: seed, data, model, the whole run's batch plan,
+optimizer and schedule, then the epoch loop. Which task(s) a step trains comes from
+stages.samplers: one task per step (round robin, proportional, annealed, sequential) or a batch
+of every task with the losses summed (summed; with train.pcgrad, the per-task gradients go
+through PCGrad, stages/pcgrad.py). Per task, the loss is weighted by loss.weights (and with
+loss.weighting: normalized, divided by its running mean); train.smart adds SMART's adversarial
+and proximal terms (stages/smart.py); loss.sts_mnr_epochs trains sts with a multiple-negatives
+ranking loss first. The optimizer is AdamW (layer-wise LR decay, optionally inside Lookahead).
+After each epoch every dev split is predicted and scored; the best epoch by dev/overall is
+saved to out/model (encoder as a HuggingFace BERT folder + heads), and out/history.json keeps
+the per-epoch metrics. Starts from mlm_pretrain's model when that stage ran, else cfg.model.dir.
 """
 
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -19,14 +25,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stages import smart
 from stages.batches import bucketed_batches, load_split
 from stages.device import autocast, pick_device
-from stages.encoder import load_bert
 from stages.metrics import dev_metrics
-from stages.multitask_model import MultitaskModel, batch_lengths, make_batch, predict, save_multitask
-from stages.samplers import annealed_alpha, epoch_tasks
+from stages.multitask_model import batch_lengths, build_model, make_batch, mnr_loss, predict, save_multitask
+from stages.pcgrad import pcgrad_backward
+from stages.samplers import annealed_alpha, epoch_steps
 
 TASKS = ("sst", "para", "sts")
+# loss.weighting: normalized divides a task's loss by an exponential moving average of its
+# detached value; 0.99 averages over roughly the last 100 steps of that task.
+LOSS_EMA_DECAY = 0.99
+MNR_MIN_SIMILARITY = 4.0  # sts pairs at least this similar are the MNR positives
 
 
 def run(cfg, inputs: dict, out: Path, log) -> dict:
@@ -52,33 +63,46 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
 
     # ---- model
     encoder_dir = Path(inputs["mlm_pretrain"]) / "model" if inputs.get("mlm_pretrain") else Path(cfg.model.dir)
-    encoder = load_bert(encoder_dir, dropout=cfg.model.dropout)
-    model = MultitaskModel(encoder, cfg.model.pooling, cfg.model.dropout).to(device)
+    model = build_model(cfg, encoder_dir).to(device)
+    pair_encoding = cfg.model.pair_encoding
 
     # ---- the whole run's batches and task order, drawn up front so the schedule knows its length
-    lengths = {t: batch_lengths(t, s) for t, s in train.items()}
-    plan = []  # per epoch: [(task, row indices), ...]
+    lengths = {t: batch_lengths(t, s, pair_encoding) for t, s in train.items()}
+    plan = []  # per epoch: per step [(task, row indices), ...], one entry per task the step trains
     cursors = {t: [] for t in train}  # each task's remaining batches; refilled (reshuffled) when empty
     for epoch in range(tc.epochs):
         alpha = annealed_alpha(epoch, tc.epochs, tc.alpha_start, tc.alpha_end)
         n_batches = {t: math.ceil(len(s) / tc.batch_size) for t, s in train.items()}
-        order = epoch_tasks(n_batches, tc.sampling, rng, alpha=alpha, steps=tc.steps_per_epoch)
         steps = []
-        for task in order:
-            if not cursors[task]:
-                cursors[task] = list(bucketed_batches(lengths[task], tc.batch_size, rng))
-            steps.append((task, cursors[task].pop(0)))
+        for step_tasks in epoch_steps(n_batches, tc.sampling, rng, alpha=alpha, steps=tc.steps_per_epoch):
+            step = []
+            for task in step_tasks:
+                if not cursors[task]:
+                    cursors[task] = list(bucketed_batches(lengths[task], tc.batch_size, rng))
+                step.append((task, cursors[task].pop(0)))
+            steps.append(step)
         plan.append(steps)
     total_steps = sum(len(steps) for steps in plan)
 
-    # ---- optimizer: no weight decay on biases and LayerNorm weights (the 1-D parameters)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr, fused=device.type == "cuda")
+    # ---- optimizer: AdamW over the trainable parameters (a frozen encoder has none), layer-wise
+    # LR decay from the head down, no weight decay on biases and LayerNorm weights (1-D parameters)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    base_optimizer = torch.optim.AdamW(_param_groups(model, tc.lr, tc.weight_decay, tc.layerwise_lr_decay),
+                                       lr=tc.lr, fused=device.type == "cuda")
+    optimizer = base_optimizer
+    if tc.lookahead:
+        from pytorch_optimizer import Lookahead
+
+        # Lookahead's param_groups are the inner AdamW's own list, so the scheduler below (on
+        # the inner AdamW) drives the lr AdamW uses. A parameter without a gradient at a sync
+        # step (another task's head, one task per step) is synced at a later one.
+        optimizer = Lookahead(base_optimizer, k=tc.lookahead_k, alpha=tc.lookahead_alpha)
     warmup = int(tc.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _linear_warmup_decay(step, warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer,
+                                                  lambda step: _linear_warmup_decay(step, warmup, total_steps))
+    loss_scale = _RunningLossScale(LOSS_EMA_DECAY) if cfg.loss.weighting == "normalized" else None
+    sc = tc.smart
+    proximal = smart.make_proximal_copy(model) if sc.enabled and sc.proximal_weight > 0 else None
 
     # ---- the epoch loop
     history = []
@@ -86,29 +110,57 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     total_examples, total_seconds = 0, 0.0
     for epoch, steps in enumerate(plan, start=1):
         model.train()
-        loss_sums = {t: 0.0 for t in train}
-        loss_counts = {t: 0 for t in train}
+        mnr_epoch = epoch <= cfg.loss.sts_mnr_epochs
+        loss_sums, loss_counts = {}, {}
         examples = 0
         start = time.perf_counter()
         bar = tqdm(steps, desc=f"finetune epoch {epoch}/{tc.epochs}", unit="step", file=sys.stderr,
                    mininterval=2.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-        for task, idx in bar:
-            batch = make_batch(task, train[task], idx, device)
-            with autocast(device):
-                output = model(task, batch)
-            loss = model.loss(task, output, batch["labels"])
-            (loss * weights[task]).backward()
+        for step in bar:
+            task_losses = {}  # task -> the loss that task's gradient comes from (weighted)
+            for task, idx in step:
+                batch = make_batch(task, train[task], idx, device, pair_encoding)
+                if task == "sts" and mnr_epoch:
+                    # MNR: the pairs with similarity >= 4 are positives, the other rows' v in-batch negatives
+                    keep = batch["labels"] >= MNR_MIN_SIMILARITY
+                    if int(keep.sum()) < 2:
+                        continue
+                    with autocast(device):
+                        u, v = model.pair_embeddings(task, batch)
+                    loss, name = mnr_loss(u[keep].float(), v[keep].float(), cfg.loss.mnr_scale), "sts_mnr"
+                    objective = loss
+                else:
+                    rng_state = smart.capture_rng(device) if sc.enabled else None
+                    with autocast(device):
+                        output = model(task, batch)
+                    loss, name = model.loss(task, output, batch["labels"]), task
+                    objective = loss
+                    if sc.enabled:
+                        objective = objective + smart.smart_adversarial_loss(model, task, batch, output, sc, rng_state)
+                        if proximal is not None:
+                            objective = objective + smart.proximal_loss(proximal, task, batch, output, sc, rng_state)
+                value = loss.item()
+                scale = weights[task] / loss_scale(name, value) if loss_scale else weights[task]
+                task_losses[task] = objective * scale
+                loss_sums[name] = loss_sums.get(name, 0.0) + value
+                loss_counts[name] = loss_counts.get(name, 0) + 1
+                examples += len(idx)
+            if not task_losses:
+                continue  # an sts-only step whose batch had too few MNR positives
+            if tc.pcgrad:
+                pcgrad_backward(task_losses, trainable, rng)
+            else:
+                sum(task_losses.values()).backward()
             if tc.grad_clip and tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if proximal is not None:
+                smart.update_proximal(proximal, model, sc.proximal_beta)
 
-            loss_sums[task] += loss.item()
-            loss_counts[task] += 1
-            examples += len(idx)
             # refresh=False: the bar redraws on its own mininterval, not on every step
-            bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{examples / (time.perf_counter() - start):.0f}",
+            bar.set_postfix(loss=f"{value:.3f}", ex_s=f"{examples / (time.perf_counter() - start):.0f}",
                             refresh=False)
         bar.close()
         seconds = time.perf_counter() - start
@@ -117,9 +169,11 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
 
         preds = {t: predict(model, t, s, tc.eval_batch_size, device) for t, s in dev.items() if s.labels is not None}
         golds = {t: np.asarray(dev[t].labels) for t in preds}
-        metrics = {f"train/loss_{t}": loss_sums[t] / loss_counts[t] for t in train if loss_counts[t]}
+        metrics = {f"train/loss_{name}": loss_sums[name] / loss_counts[name] for name in loss_sums}
         metrics["train/examples_per_s"] = examples / seconds if seconds > 0 else 0.0
-        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics["train/lr"] = scheduler.get_last_lr()[-1]  # the last group's: the heads, at train.lr
+        if tc.sampling == "annealed":
+            metrics["train/alpha"] = annealed_alpha(epoch - 1, tc.epochs, tc.alpha_start, tc.alpha_end)
         metrics.update(dev_metrics(preds, golds) if preds else {})
         log(metrics, step=epoch)
         history.append({"epoch": epoch, **metrics})
@@ -164,6 +218,46 @@ def _load_splits(data_dir: Path, split: str) -> dict:
             raise FileNotFoundError(f"{path}: listed in {manifest_path} under '{key}' but missing")
         splits[task] = load_split(path)
     return splits
+
+
+def _param_groups(model, lr: float, weight_decay: float, layerwise_decay: float = 1.0) -> list[dict]:
+    """AdamW groups of the trainable parameters, by (lr, weight decay).
+
+    Layer-wise LR decay (the HF names tell the depth): a parameter in encoder.layer.{i}. of an
+    L-layer encoder gets lr * decay^(L - i), one in embeddings. lr * decay^(L + 1), the rest
+    (heads, PALs) lr. 1-D parameters (biases, LayerNorm) get no weight decay.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    layer_of = {n: int(m.group(1)) for n, _ in named if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", n))}
+    n_layers = max(layer_of.values(), default=-1) + 1
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in named:
+        if name in layer_of:
+            depth = n_layers - layer_of[name]
+        elif re.search(r"(?:^|\.)embeddings\.", name):
+            depth = n_layers + 1
+        else:
+            depth = 0
+        key = (lr * layerwise_decay ** depth, weight_decay if p.ndim >= 2 else 0.0)
+        groups.setdefault(key, []).append(p)
+    # Deepest first, so the last group is a full-lr one (train/lr logs it).
+    return [{"params": ps, "lr": group_lr, "weight_decay": wd}
+            for (group_lr, wd), ps in sorted(groups.items(), key=lambda kv: kv[0])]
+
+
+class _RunningLossScale:
+    """Per loss name, an exponential moving average of its detached value, m <- d m + (1 - d) l,
+    starting at the first value; calling it updates the average and returns it."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.means: dict[str, float] = {}
+
+    def __call__(self, name: str, value: float) -> float:
+        mean = self.means.get(name)
+        mean = value if mean is None else self.decay * mean + (1 - self.decay) * value
+        self.means[name] = mean
+        return max(mean, 1e-12)  # a loss of exactly 0 would divide by 0
 
 
 def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:

@@ -1,16 +1,21 @@
-"""Which task each multitask training step takes.
+"""Which task(s) each multitask training step takes.
 
-Three schedules:
+One task per step:
 - round_robin: sst, para, sts, sst, ... (every task equally often, whatever its size);
 - proportional: task i with probability N_i / sum_j N_j (the big task dominates);
 - annealed: p_i ~ N_i^alpha with alpha decreasing over epochs (Stickland & Murray 2019,
-  "BERT and PALs"): alpha = 1 - 0.8 * e / (E - 1), proportional at first, near-uniform at the end.
+  "BERT and PALs"): alpha = 1 - 0.8 * e / (E - 1), proportional at first, near-uniform at the end;
+- sequential: all sst batches, then all para, then all sts (consecutive training, every epoch).
+Every task per step:
+- summed: one batch of every task, the losses summed into one backward; the epoch is as long
+  as the largest task (the smaller ones cycle through their batches again).
 N_i is the task's number of training batches.
 """
 
 import numpy as np
 
-MODES = ("round_robin", "proportional", "annealed")
+MODES = ("round_robin", "proportional", "annealed", "sequential", "summed")
+RANDOM_MODES = ("proportional", "annealed")
 
 
 def annealed_alpha(epoch: int, epochs: int, start: float = 1.0, end: float = 0.2) -> float:
@@ -25,6 +30,8 @@ def annealed_alpha(epoch: int, epochs: int, start: float = 1.0, end: float = 0.2
 def task_probabilities(sizes: dict[str, int], mode: str, alpha: float = 1.0) -> dict[str, float]:
     """p_i per task: proportional N_i / sum; annealed N_i^alpha normalised; round_robin uniform."""
     _check_mode(mode)
+    if mode not in ("round_robin", *RANDOM_MODES):
+        raise ValueError(f"task_probabilities: sampling mode '{mode}' does not draw tasks at random")
     sizes = {task: n for task, n in sizes.items() if n > 0}
     if not sizes:
         raise ValueError("task_probabilities: no task has any training batches")
@@ -38,29 +45,60 @@ def task_probabilities(sizes: dict[str, int], mode: str, alpha: float = 1.0) -> 
     return {task: w / total for task, w in weights.items()}
 
 
+def epoch_steps(batches_per_task: dict[str, int], mode: str, rng: np.random.Generator,
+                alpha: float = 1.0, steps: int | None = None) -> list[tuple[str, ...]]:
+    """The tasks of every step in one epoch: a 1-tuple per step, or every task's for summed.
+
+    summed: `steps` (default: the largest task's batch count) steps of all tasks with batches.
+    The other modes: epoch_tasks, one task per step.
+    """
+    _check_mode(mode)
+    if mode != "summed":
+        return [(task,) for task in epoch_tasks(batches_per_task, mode, rng, alpha, steps)]
+    tasks = _tasks_with_batches(batches_per_task, steps)
+    if steps is None:
+        steps = max(batches_per_task[t] for t in tasks)
+    return [tuple(tasks)] * steps
+
+
 def epoch_tasks(batches_per_task: dict[str, int], mode: str, rng: np.random.Generator,
                 alpha: float = 1.0, steps: int | None = None) -> list[str]:
-    """The task of every step in one epoch.
+    """The task of every step in one epoch, for the one-task-per-step modes.
 
     round_robin cycles the tasks in the given order for `steps` (default: 3 times the smallest
     task's batch count, i.e. number of tasks times the smallest count); proportional and annealed
-    draw `steps` tasks (default: all tasks' batches together) from task_probabilities.
+    draw `steps` tasks (default: all tasks' batches together) from task_probabilities;
+    sequential gives each task a block of its batch count, in the given order (with `steps`,
+    blocks in proportion to the batch counts, rounded so that they add up to `steps`).
     """
     _check_mode(mode)
-    tasks = [task for task, n in batches_per_task.items() if n > 0]
-    if not tasks:
-        raise ValueError("epoch_tasks: no task has any training batches")
-    if steps is not None and steps < 1:
-        raise ValueError(f"epoch_tasks: steps must be >= 1, got {steps}")
+    if mode == "summed":
+        raise ValueError("epoch_tasks: summed sampling takes every task in each step; use epoch_steps")
+    tasks = _tasks_with_batches(batches_per_task, steps)
     if mode == "round_robin":
         if steps is None:
             steps = len(tasks) * min(batches_per_task[t] for t in tasks)
         return [tasks[i % len(tasks)] for i in range(steps)]
+    if mode == "sequential":
+        counts = np.array([batches_per_task[t] for t in tasks])
+        if steps is not None:
+            ends = np.rint(steps * np.cumsum(counts) / counts.sum()).astype(int)
+            counts = np.diff(ends, prepend=0)
+        return [task for task, n in zip(tasks, counts) for _ in range(n)]
     if steps is None:
         steps = sum(batches_per_task[t] for t in tasks)
     probs = task_probabilities({t: batches_per_task[t] for t in tasks}, mode, alpha)
     draws = rng.choice(len(tasks), size=steps, p=[probs[t] for t in tasks])
     return [tasks[i] for i in draws]
+
+
+def _tasks_with_batches(batches_per_task: dict[str, int], steps: int | None) -> list[str]:
+    tasks = [task for task, n in batches_per_task.items() if n > 0]
+    if not tasks:
+        raise ValueError("epoch_tasks: no task has any training batches")
+    if steps is not None and steps < 1:
+        raise ValueError(f"epoch_tasks: steps must be >= 1, got {steps}")
+    return tasks
 
 
 def _check_mode(mode: str) -> None:

@@ -154,6 +154,16 @@ def test_fully_masked_row_is_finite_and_dropout_only_in_training():
     assert not torch.equal(m(ids, mask), m(ids, mask))
 
 
+def test_task_without_pals_is_plain_bert():
+    """forward(task=...) only picks PALs (tests/stages/test_pals.py); an encoder without any ignores it."""
+    torch.manual_seed(0)
+    m = BertEncoder(_tiny_config()).eval()
+    ids, mask = torch.tensor([[1, 2, 3]]), torch.ones(1, 3)
+    assert m.pals is None
+    assert torch.equal(m(ids, mask, task="sst"), m(ids, mask))
+    assert not any(name.startswith("pals.") for name in m.state_dict())
+
+
 def test_too_long_input_is_a_clear_error():
     m = BertEncoder(_tiny_config(max_position_embeddings=4))
     with pytest.raises(ValueError, match="max_position_embeddings 4"):

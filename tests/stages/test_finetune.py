@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pipeline.config import PipelineConfig, apply_overrides
 from stages import data_prep, finetune
-from stages.finetune import _linear_warmup_decay
+from stages.finetune import _linear_warmup_decay, _param_groups, _RunningLossScale
 from stages.multitask_model import load_multitask, predict
 from stages.batches import load_split
 
@@ -136,3 +137,147 @@ def test_linear_warmup_then_decay_schedule():
     values = [_linear_warmup_decay(s, 4, 10) for s in range(10)]
     assert values == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
     assert _linear_warmup_decay(0, 0, 4) == 1.0 and _linear_warmup_decay(3, 0, 4) == 0.25
+
+
+def test_normalized_weighting_divides_by_the_running_mean_on_a_hand_sequence():
+    scale = _RunningLossScale(decay=0.5)
+    # m1 = 4; m2 = 0.5 * 4 + 0.5 * 2 = 3; m3 = 0.5 * 3 + 0.5 * 5 = 4; another task has its own mean
+    assert scale("sst", 4.0) == 4.0
+    assert scale("sst", 2.0) == 3.0
+    assert scale("para", 0.5) == 0.5
+    assert scale("sst", 5.0) == 4.0
+    assert scale.means == {"sst": 4.0, "para": 0.5}
+    assert scale("sts", 0.0) > 0  # a zero loss gives a tiny floor, not a division by zero
+
+
+def test_layerwise_lr_groups_on_the_tiny_model(tiny_model_dir):
+    from stages.encoder import load_bert
+    from stages.multitask_model import MultitaskModel
+
+    model = MultitaskModel(load_bert(tiny_model_dir), "cls", 0.1)
+    groups = _param_groups(model, lr=1.0, weight_decay=0.01, layerwise_decay=0.5)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(lr_of) == len(named)  # every parameter in exactly one group
+    # 2 layers: heads 1, layer 1 0.5, layer 0 0.25, embeddings 0.125
+    expected = {"heads.sst.weight": (1.0, 0.01), "heads.sts.bias": (1.0, 0.0),
+                "encoder.encoder.layer.1.attention.self.query.weight": (0.5, 0.01),
+                "encoder.encoder.layer.1.output.LayerNorm.weight": (0.5, 0.0),
+                "encoder.encoder.layer.0.intermediate.dense.weight": (0.25, 0.01),
+                "encoder.embeddings.word_embeddings.weight": (0.125, 0.01),
+                "encoder.embeddings.LayerNorm.bias": (0.125, 0.0)}
+    for name, want in expected.items():
+        assert lr_of[id(named[name])] == pytest.approx(want), name
+    # separate encoders: each task's encoder decays the same way
+    separate = MultitaskModel(load_bert(tiny_model_dir), "cls", 0.1, shared_encoder=False)
+    lr_of = {id(p): g["lr"] for g in _param_groups(separate, 1.0, 0.01, 0.5) for p in g["params"]}
+    named = dict(separate.named_parameters())
+    assert lr_of[id(named["task_encoders.sts.encoder.layer.1.output.dense.weight"])] == 0.5
+    assert lr_of[id(named["task_encoders.para.embeddings.position_embeddings.weight"])] == 0.125
+    # decay 1.0: one lr for all, two groups (with and without weight decay)
+    assert {g["lr"] for g in _param_groups(model, 1e-3, 0.01, 1.0)} == {1e-3}
+    # frozen parameters are left out
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    frozen = _param_groups(model, 1.0, 0.01, 1.0)
+    assert sum(len(g["params"]) for g in frozen) == len(list(model.heads.parameters()))
+
+
+def _record_training_steps(monkeypatch):
+    """(tasks of every training batch built, number of optimizer steps) as the run goes."""
+    batches, steps = [], []
+    real_make_batch = finetune.make_batch
+
+    def make_batch(task, split, idx, device, *args):
+        batches.append(task)
+        return real_make_batch(task, split, idx, device, *args)
+
+    monkeypatch.setattr(finetune, "make_batch", make_batch)  # predict() uses its own import: dev batches not seen
+    handle = register_optimizer_step_post_hook(lambda *a: steps.append(1))
+    return batches, steps, handle
+
+
+@pytest.mark.parametrize("sampling,epoch_batches,steps_per_epoch", [
+    # 48 rows per task, batch 16: 3 batches each
+    ("summed", ["sst", "para", "sts"] * 3, 3),        # one batch of every task per step, one backward
+    ("sequential", ["sst"] * 3 + ["para"] * 3 + ["sts"] * 3, 9),
+    ("round_robin", ["sst", "para", "sts"] * 3, 9),
+])
+def test_sampling_modes_take_the_batches_of_their_schedule(sampling, epoch_batches, steps_per_epoch, monkeypatch,
+                                                           prepared, shared_data_dir, tiny_model_dir, tmp_path):
+    batches, steps, handle = _record_training_steps(monkeypatch)
+    try:
+        _run(_cfg(shared_data_dir, tiny_model_dir, **{"train.sampling": sampling}), prepared, tmp_path)
+    finally:
+        handle.remove()
+    assert batches == epoch_batches * 2
+    assert len(steps) == steps_per_epoch * 2
+
+
+def test_pcgrad_gets_every_tasks_weighted_loss(monkeypatch, prepared, shared_data_dir, tiny_model_dir, tmp_path):
+    calls = []
+    real = finetune.pcgrad_backward
+
+    def spy(task_losses, params, rng):
+        calls.append({t: loss.item() for t, loss in task_losses.items()})
+        return real(task_losses, params, rng)
+
+    monkeypatch.setattr(finetune, "pcgrad_backward", spy)
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.epochs": 1, "train.sampling": "summed", "train.pcgrad": True,
+                                                   "loss.weights.para": 0.5})
+    _, logged = _run(cfg, prepared, tmp_path)
+    assert len(calls) == 3 and all(set(c) == {"sst", "para", "sts"} for c in calls)
+    # train/loss_para is the unweighted mean; pcgrad saw it times 0.5
+    assert sum(c["para"] for c in calls) / 3 == pytest.approx(0.5 * logged[0][1]["train/loss_para"], rel=1e-5)
+
+
+def test_lookahead_without_a_sync_is_plain_adamw_and_its_lr_follows_the_schedule(prepared, shared_data_dir,
+                                                                                   tiny_model_dir, tmp_path):
+    # k beyond the run's 18 steps: Lookahead never syncs, so it changes nothing, provided the LR
+    # schedule still drives the inner AdamW. A sync every 2 steps must change the run.
+    strip = lambda h: [{k: v for k, v in row.items() if k != "train/examples_per_s"} for row in h]
+    histories = {}
+    for name, overrides in {"plain": {}, "no_sync": {"train.lookahead": True, "train.lookahead_k": 100},
+                            "alpha05": {"train.lookahead": True, "train.lookahead_k": 2}}.items():
+        cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.epochs": 2, "train.sampling": "round_robin",
+                                                       "train.warmup_ratio": 0.25, **overrides})
+        _, logged = _run(cfg, prepared, tmp_path / name)
+        histories[name] = strip([m for _, m in logged])
+    assert histories["no_sync"] == histories["plain"]
+    assert histories["alpha05"] != histories["plain"]
+    # 9 steps per epoch, 18 in all, warmup int(0.25 * 18) = 4: after step 9 the factor is (18 - 9) / 14
+    assert histories["alpha05"][0]["train/lr"] == pytest.approx(1e-3 * 9 / 14)
+    assert histories["alpha05"][1]["train/lr"] == 0.0
+
+
+@pytest.mark.parametrize("batch_size", [16, 4])  # 4: some sts batches have < 2 similar pairs and are skipped
+def test_sts_trains_with_mnr_on_similar_pairs_first_then_the_cosine_loss(batch_size, monkeypatch, prepared,
+                                                                         shared_data_dir, tiny_model_dir, tmp_path):
+    seen = []  # (positives in the batch, rows mnr_loss got)
+    real_make_batch, real_mnr = finetune.make_batch, finetune.mnr_loss
+
+    def make_batch(task, split, idx, device, *args):
+        batch = real_make_batch(task, split, idx, device, *args)
+        if task == "sts":
+            seen.append([int((batch["labels"] >= 4).sum()), None])
+        return batch
+
+    def mnr_loss(u, v, scale):
+        assert scale == 7.0
+        seen[-1][1] = len(u)
+        return real_mnr(u, v, scale)
+
+    monkeypatch.setattr(finetune, "make_batch", make_batch)
+    monkeypatch.setattr(finetune, "mnr_loss", mnr_loss)
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"model.sts_head": "cosine", "loss.sts_mnr_epochs": 1,
+                                                   "loss.mnr_scale": 7.0, "train.sampling": "round_robin",
+                                                   "train.batch_size": batch_size})
+    _, logged = _run(cfg, prepared, tmp_path)
+    per_epoch = 48 // batch_size
+    first, second = seen[:per_epoch], seen[per_epoch:]
+    assert len(second) == per_epoch and all(rows is None for _, rows in second)  # epoch 2: the cosine head's loss
+    assert all(rows == (positives if positives >= 2 else None) for positives, rows in first), first
+    assert "train/loss_sts" in logged[1][1] and "train/loss_sts" not in logged[0][1]
+    assert any(rows for _, rows in first) and "train/loss_sts_mnr" in logged[0][1], first
+    if batch_size == 4:
+        assert any(positives < 2 for positives, _ in first), first

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from stages.samplers import annealed_alpha, epoch_tasks, task_probabilities
+from stages.samplers import annealed_alpha, epoch_steps, epoch_tasks, task_probabilities
 
 
 def test_annealed_alpha_defaults_run_from_1_to_0_2():
@@ -82,3 +82,35 @@ def test_same_seed_same_order():
     a = epoch_tasks(sizes, "annealed", np.random.default_rng(3), alpha=0.5)
     b = epoch_tasks(sizes, "annealed", np.random.default_rng(3), alpha=0.5)
     assert a == b
+
+
+def test_annealed_alpha_first_and_last_epoch_of_a_real_run():
+    assert [annealed_alpha(e, 3) for e in range(3)] == pytest.approx([1.0, 0.6, 0.2])
+    assert annealed_alpha(0, 10) == 1.0 and annealed_alpha(9, 10) == pytest.approx(0.2)
+
+
+def test_summed_steps_take_every_task_for_the_largest_tasks_length():
+    steps = epoch_steps({"sst": 4, "para": 10, "sts": 2}, "summed", np.random.default_rng(0))
+    assert steps == [("sst", "para", "sts")] * 10
+    steps = epoch_steps({"sst": 4, "para": 0, "sts": 2}, "summed", np.random.default_rng(0), steps=3)
+    assert steps == [("sst", "sts")] * 3
+    with pytest.raises(ValueError, match="epoch_steps"):
+        epoch_tasks({"sst": 4}, "summed", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at random"):
+        task_probabilities({"sst": 4}, "summed")
+
+
+def test_sequential_trains_each_task_in_a_block():
+    tasks = epoch_tasks({"sst": 3, "para": 5, "sts": 2}, "sequential", np.random.default_rng(0))
+    assert tasks == ["sst"] * 3 + ["para"] * 5 + ["sts"] * 2
+    # steps=5 of 10 batches: block ends at rint(5 * [3, 8, 10] / 10) = [2, 4, 5]
+    tasks = epoch_tasks({"sst": 3, "para": 5, "sts": 2}, "sequential", np.random.default_rng(0), steps=5)
+    assert tasks == ["sst", "sst", "para", "para", "sts"]
+    steps = epoch_steps({"sst": 1, "para": 0, "sts": 2}, "sequential", np.random.default_rng(0))
+    assert steps == [("sst",), ("sts",), ("sts",)]
+
+
+def test_one_task_modes_give_one_tuples():
+    sizes = {"sst": 5, "para": 9, "sts": 4}
+    assert epoch_steps(sizes, "annealed", np.random.default_rng(3), alpha=0.5) == \
+        [(t,) for t in epoch_tasks(sizes, "annealed", np.random.default_rng(3), alpha=0.5)]

@@ -1,0 +1,147 @@
+"""End to end: `python -m pipeline tune --smoke` on a real local Ray, Tune, Optuna and MLflow store."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import PipelineConfig, flatten, load_config
+from tests.conftest import REPO
+
+SPACE = REPO / "search_spaces" / "default.yaml"
+ASKED = ("loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alpha_start", "train.alpha_end",
+         "train.lr")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_data_dir):
+    work = tmp_path_factory.mktemp("tune")
+    (work / "exp.yaml").write_text(
+        "# tune test config\n"
+        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
+        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
+        "tracking:\n  experiment: tune-e2e\n")
+    return work
+
+
+def run_cli(work, verb, *args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env["RAY_TMPDIR"] = ray_tmp
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", verb, *args], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def search(workdir):
+    proc = run_cli(workdir, "tune", "exp.yaml", "--space", str(SPACE), "--smoke", "--trials", "2", "--name", "t1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def mlflow_runs(work):
+    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tune-e2e")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
+    client, runs = mlflow_runs(workdir)
+    parents = [r for r in runs if r.data.tags.get("stage") == "tune"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
+    assert len(trials) == 2
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    assert [r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+            and r.data.tags["stage"] != "trial"] == ["data_prep"]  # prepared once, for every trial
+
+    plain_names = set(flatten(PipelineConfig()))
+    records = {json.loads(p.read_text())["trial_id"]: json.loads(p.read_text())
+               for p in (workdir / "artifacts" / "tune" / "t1" / "trials").glob("*/trial.json")}
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert set(run.data.params) == plain_names  # the compare view lines trials up with plain runs
+        assert run.data.params["train.sampling"] == "annealed"  # the space's fixed value
+        assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["ablation"] == "none"
+        record = records[run.data.tags["trial_id"]]
+        for key, value in record["values"].items():
+            assert float(run.data.params[key]) == pytest.approx(value)  # the sampled value is what ran
+        assert run.data.params["train.batch_size"] in ("8", "16", "32")
+        epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/examples_per_s"))
+        if run.data.tags.get("early_stopped") == "true":  # ASHA cut it at a rung: never evaluated
+            assert record["status"] == "early_stopped" and epochs[0] == 1 and "metrics" not in record
+        else:
+            assert record["status"] == "finished" and epochs == [1, 2, 2]  # per epoch, then the best epoch's
+            # the latest dev/overall is evaluate's score of the kept model, logged last
+            assert run.data.metrics["dev/overall"] == pytest.approx(record["metrics"]["dev/overall"])
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "dev/overall"))
+            assert steps == [1, 2, 2]  # one per epoch, then evaluate's at the last epoch's step
+    for key in ASKED:  # continuous draws: two trials never share a value
+        assert trials[0].data.params[key] != trials[1].data.params[key], key
+    assert "tune: t1: 2 trials" in search.stdout and "best trial:" in search.stdout
+
+
+def test_best_config_is_ready_to_run_and_its_model_is_registered(workdir, search):
+    client, runs = mlflow_runs(workdir)
+    parent = next(r for r in runs if r.data.tags.get("stage") == "tune")
+    best_run = client.get_run(parent.data.tags["best_run_id"])
+    assert best_run.data.tags["tune_best"] == "true"
+    best_path = workdir / "artifacts" / "tune" / "t1" / "best_config.yaml"
+    cfg = load_config(best_path)
+    for key in ASKED:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert str(node) == best_run.data.params[key]
+    assert cfg.tracking.uri == f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"  # same store, wherever it is run from
+    assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert "best_config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert parent.data.metrics["dev/overall"] == pytest.approx(best_run.data.metrics["dev/overall"])
+
+    versions = client.search_model_versions("name='tune-e2e'")
+    assert len(versions) == 1
+    assert versions[0].run_id == best_run.info.run_id and versions[0].tags["tune_search"] == "t1"
+    model_files = {a.path for a in client.list_artifacts(best_run.info.run_id, "model")}
+    assert {"model/config.json", "model/heads.safetensors"} <= model_files
+    # only the best trial keeps its weights on disk; the others' were removed after registering
+    kept = list((workdir / "artifacts" / "tune" / "t1" / "trials").glob("*/finetune/model"))
+    assert [p.parent.parent.name for p in kept] == [best_run.data.tags["trial_id"]]
+
+    proc = run_cli(workdir, "run", str(best_path), "--smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data_prep     cached, skipped" in proc.stdout
+
+
+def test_resume_of_a_finished_search_reruns_no_trial(workdir, search):
+    _, before = mlflow_runs(workdir)
+    proc = run_cli(workdir, "tune", "exp.yaml", "--space", str(SPACE), "--smoke", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming t1" in proc.stdout and "no trial was re-run" in proc.stdout
+    client, after = mlflow_runs(workdir)
+    assert len([r for r in after if r.data.tags.get("stage") == "trial"]) == 2
+    assert len(client.search_model_versions("name='tune-e2e'")) == 1
+
+
+def test_a_bad_space_is_an_error_before_anything_starts(workdir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train.lr: {distribution: loguniform, low: 1.0e-3, high: 1.0e-4}\n")
+    proc = run_cli(workdir, "tune", "exp.yaml", "--space", str(bad), "--smoke", "--name", "bad")
+    assert proc.returncode == 2
+    assert f"{bad}:1: train.lr: low (0.001) must be below high (0.0001)" in proc.stderr
+    assert not (workdir / "artifacts" / "tune" / "bad").exists()
+    if (workdir / "mlruns" / "mlflow.db").exists():
+        _, runs = mlflow_runs(workdir)
+        assert not [r for r in runs if r.info.run_name == "tune bad"]
