@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import PipelineConfig, apply_overrides
-from stages import data_prep, evaluate
+from stages import evaluate
 from stages.batches import load_split, pad_batch
 from stages.encoder import load_bert
 from stages.multitask_model import MultitaskModel, load_multitask, predict, save_multitask
@@ -20,12 +20,6 @@ HEADERS = {"sst": b"id \t Predicted_Sentiment \n",
 VALUE = {"sst": rb"[0-4]", "para": rb"(0\.0|1\.0)", "sts": rb"[0-5]\.[0-9]{4}"}
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data_dir, tiny_model_dir):
-    cfg = _cfg(shared_data_dir, tiny_model_dir)
-    out = tmp_path_factory.mktemp("data_prep")
-    data_prep.run(cfg, {}, out, lambda *a, **k: None)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -21,20 +21,7 @@ def _cfg(data_dir, model_dir, **overrides):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from two threads, and on a busy 2-core machine the second
-    thread spin-waits for a core; one thread keeps these tests at a few seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data_dir, tiny_model_dir):
-    out = tmp_path_factory.mktemp("data_prep")
-    data_prep.run(_cfg(shared_data_dir, tiny_model_dir), {}, out, lambda *a, **k: None)
-    return out
 
 
 def _run(cfg, prepared, out, **inputs):

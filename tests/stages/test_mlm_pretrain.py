@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import PipelineConfig, apply_overrides
-from stages import data_prep, mlm_pretrain
+from stages import mlm_pretrain
 from stages.batches import load_split
 from stages.encoder import load_bert
 from stages.mlm_pretrain import BertForMlm, mask_tokens, pretraining_text
@@ -121,12 +121,6 @@ def test_mlm_loss_matches_huggingface_bert_for_masked_lm(tiny_model_dir):
 # ---------------------------------------------------------------- a tiny run on the real data
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data_dir, tiny_model_dir):
-    cfg = _cfg(shared_data_dir, tiny_model_dir)
-    out = tmp_path_factory.mktemp("data_prep")
-    data_prep.run(cfg, {}, out, lambda *a, **k: None)
-    return out
 
 
 def _cfg(data_dir, model_dir, **overrides):

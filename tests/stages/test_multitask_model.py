@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from pipeline.config import PipelineConfig, apply_overrides
-from stages import data_prep
 from stages.batches import load_split
 from stages.encoder import load_bert, pool
 from stages.multitask_model import (MultitaskModel, batch_lengths, build_model, load_multitask, make_batch,
@@ -14,23 +13,7 @@ from stages.multitask_model import (MultitaskModel, batch_lengths, build_model, 
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from two threads, and on a busy 2-core machine the second
-    thread spin-waits for a core; one thread keeps these tests at a few seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data_dir, tiny_model_dir):
-    cfg = apply_overrides(PipelineConfig(), {
-        "device": "cpu", "data.dir": str(shared_data_dir), "model.dir": str(tiny_model_dir),
-        "data.max_rows": 48, "data.max_length": 32, "data.on_bad_rows": "drop"})
-    out = tmp_path_factory.mktemp("data_prep")
-    data_prep.run(cfg, {}, out, lambda *a, **k: None)
-    return out
 
 
 def _model(tiny_model_dir, pooling="cls", seed=0):

@@ -13,12 +13,6 @@ from stages.multitask_model import MultitaskModel, load_multitask, save_multitas
 TASKS = ("sst", "para", "sts")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides):

@@ -10,12 +10,6 @@ from stages.encoder import load_bert
 from stages.multitask_model import MultitaskModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

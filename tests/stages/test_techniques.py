@@ -5,11 +5,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.config import SMOKE_OVERRIDES, PipelineConfig, apply_overrides
 from pipeline.grids import load_grid, variant_overrides
-from stages import data_prep, evaluate, finetune, mlm_pretrain
+from stages import evaluate, finetune, mlm_pretrain
 
 GRID = Path(__file__).resolve().parents[2] / "search_spaces" / "ablations" / "techniques.yaml"
 VARIANTS = list(load_grid(GRID)[1])
@@ -19,12 +18,6 @@ def _quiet(*args, **kwargs):
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +27,6 @@ def smoke_cfg(shared_data_dir, tiny_model_dir):
         "data.max_rows": 48, "data.on_bad_rows": "drop", "train.epochs": 2})
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, smoke_cfg):
-    out = tmp_path_factory.mktemp("data_prep")
-    data_prep.run(smoke_cfg, {}, out, _quiet)
-    return out
 
 
 def test_the_grid_has_the_techniques_of_issue_8():
