@@ -2,6 +2,9 @@
 
     python -m pipeline run [CONFIG] [--set KEY=VALUE ...] [--force STAGE|all] [--smoke] [--variant GRID:NAME]
     python -m pipeline tune [CONFIG] --space search_spaces/NAME.yaml [--trials N] [--smoke] [--resume]
+    python -m pipeline submit [CONFIG] --address http://HEAD:8265 [VERB ARGS...]
+    python -m pipeline leaderboard [CONFIG] [--model MODEL_URI] [--smoke]
+    python -m pipeline schedule install|show|remove [CONFIG] [--crontab-file FILE] [--systemd]
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["submit"]:  # its own parser: the remote verb's arguments follow it verbatim
+        from pipeline.submit import cmd_submit
+
+        return _config_errors(cmd_submit, argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Multitask BERT experiment pipeline")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
@@ -36,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--variant", metavar="GRID:NAME",
                      help="apply a named variant of an ablation grid first, e.g. "
                           "search_spaces/ablations/techniques.yaml:pcgrad (tags the runs ablation=NAME)")
+    run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                     help="a stage killed half-way continues from its last checkpoint (the default); "
+                          "--no-resume starts it over (--force does too, for the stages it re-runs)")
 
     tune = verbs.add_parser("tune", help="hyperparameter search (Ray Tune + Optuna) over finetune + evaluate")
     tune.add_argument("config", nargs="?", default="pipeline.yaml", help="experiment YAML (default: pipeline.yaml)")
@@ -52,8 +64,42 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--include-config", action="store_true",
                       help="make the first trial the config's own values (Optuna points_to_evaluate)")
 
+    verbs.add_parser("submit", add_help=False,
+                     help="run a verb on a Ray cluster as a Ray job: submit [CONFIG] --address URL [VERB ARGS] "
+                          "(see python -m pipeline submit --help)")
+
+    board = verbs.add_parser("leaderboard", help="a validated CS224N submission zip from the champion model, "
+                                                 "logged to MLflow (a no-op when already made)")
+    board.add_argument("config", nargs="?", default="pipeline.yaml", help="experiment YAML (default: pipeline.yaml)")
+    board.add_argument("--model", metavar="MODEL_URI",
+                       help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder "
+                            "(default: the registered model's 'champion' alias, else the best finished run by dev/overall)")
+    board.add_argument("--smoke", action="store_true",
+                       help="smoke-sized: ~64 rows per split, the best smoke run's model (made by a smoke run if none)")
+    board.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (repeatable)")
+    board.add_argument("--force", action="store_true", help="predict again even if this model and data were submitted")
+
+    schedule = verbs.add_parser("schedule", help="install/show/remove the crontab entry that runs the config's "
+                                                 "schedule: section (or print a systemd timer)")
+    schedule.add_argument("action", choices=["install", "show", "remove", "run"],
+                          help="run: what the crontab entry calls (the schedule's commands, in order)")
+    schedule.add_argument("config", nargs="?", default="pipeline.yaml", help="experiment YAML (default: pipeline.yaml)")
+    schedule.add_argument("--crontab-file", metavar="FILE",
+                          help="read and write this file instead of the user's crontab (tests, or to review first)")
+    schedule.add_argument("--systemd", action="store_true",
+                          help="with install: print a systemd service + timer for the schedule instead of using cron")
+
     args = parser.parse_args(argv)
     try:
+        if args.verb == "leaderboard":
+            from pipeline.leaderboard import cmd_leaderboard
+
+            return cmd_leaderboard(args)
+        if args.verb == "schedule":
+            from pipeline.schedule import cmd_schedule
+
+            return cmd_schedule(args)
         if args.verb == "run":
             return cmd_run(args)
         if args.verb == "tune":
@@ -64,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config_errors(command, *args) -> int:
+    try:
+        return command(*args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_run(args) -> int:
@@ -78,6 +132,7 @@ def cmd_run(args) -> int:
     store_location = artifacts_location(cfg, config_dir)
     if args.smoke:
         cfg = smoke_config(cfg, store_location)
+        cfg = apply_overrides(cfg, args.overrides)  # --set has the last word over the smoke settings too
     cfg = resolve_paths(cfg, config_dir)
     store = ArtifactStore(store_location)
     try:
@@ -91,6 +146,16 @@ def cmd_run(args) -> int:
         print(f"  {p.stage.name:<13} {'cached, skipped' if p.cached else 'to run'}  key {p.key}")
 
     uri = tracking.tracking_uri(cfg.tracking.uri, config_dir)
+    unreachable = tracking.check_reachable(uri)
+    if unreachable and cfg.tracking.on_unreachable == "error":
+        print(f"error: MLflow tracking server at {uri} is unreachable: {unreachable}; nothing was run. "
+              f"Start it, point MLFLOW_TRACKING_URI / tracking.uri elsewhere, or set "
+              f"tracking.on_unreachable: local to log to a local store and continue", file=sys.stderr)
+        return 3
+    if unreachable:
+        uri = tracking.local_uri(config_dir)
+        print(f"warning: MLflow tracking server unreachable ({unreachable}); tracking.on_unreachable: local, "
+              f"so this run logs to {uri}", file=sys.stderr)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     commit = tracking.git_commit(REPO)
     params = flatten(cfg)
@@ -107,18 +172,27 @@ def cmd_run(args) -> int:
     }
 
     start = time.time()
-    ctx = dag.RunContext(cfg, store.location, uri)
+    ctx = dag.RunContext(cfg, store.location, uri, resume=args.resume)
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     try:
         results = dag.execute(planned, ctx, stage_runs, address, cfg.ray.num_cpus)
-    except (dag.StageFailed, ValueError, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt) as e:  # whatever stops the run, no MLflow run stays RUNNING
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        finished = getattr(e, "results", None)
         for p in planned:
             # Cached or published stages still finished; the rest did not.
-            done = store.is_finished(p.stage.name, p.key)
+            if finished is not None:
+                done = p.stage.name in finished
+            else:
+                done = store.is_finished(p.stage.name, p.key) and not p.forced
             if done:
                 _record_stage(uri, stage_runs[p.stage.name], store.read_result(p.stage.name, p.key))
+            elif getattr(e, "stage", None) == p.stage.name and "error" not in tracking.get_tags(uri, stage_runs[p.stage.name]):
+                # The stage's task tags its own traceback; a worker that died could not.
+                tracking.set_tags(uri, stage_runs[p.stage.name], {"error": str(e)[-4000:]})
             tracking.end_run(uri, stage_runs[p.stage.name], "FINISHED" if done else status)
+        if not isinstance(e, (dag.StageFailed, ValueError, KeyboardInterrupt)):
+            e = RuntimeError(f"{type(e).__name__}: {e}")  # unexpected: say what it was
         tracking.set_tags(uri, parent, {"error": str(e)[-4000:]})
         tracking.end_run(uri, parent, status)
         print(f"\nerror: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
@@ -158,7 +232,13 @@ def smoke_config(cfg: PipelineConfig, store_location: str) -> PipelineConfig:
     local_root = Path(store_location) if "://" not in store_location else Path(os.environ.get("TMPDIR", "/tmp"))
     tiny = local_root / "smoke-tiny-bert"
     if not (tiny / "model.safetensors").exists():
-        write_tiny_bert(tiny, seed=0, tokenizer_from=cfg.model.dir and Path(cfg.model.dir) or None)
+        # Written aside, then renamed: a run started at the same moment never reads half of it.
+        tmp = local_root / f".smoke-tiny-bert.tmp-{os.getpid()}"
+        write_tiny_bert(tmp, seed=0, tokenizer_from=cfg.model.dir and Path(cfg.model.dir) or None)
+        try:
+            tmp.rename(tiny)
+        except OSError:  # the other run's copy won: the same bytes (seed 0)
+            shutil.rmtree(tmp, ignore_errors=True)
     return apply_overrides(cfg, {"model.dir": str(tiny)})
 
 

@@ -8,6 +8,7 @@ an out-of-range value is a ConfigError naming the file, the line and the dotted 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class MlmConfig:
     mask_prob: float = 0.15
     heldout_fraction: float = 0.05  # of the train-split text, for held-out perplexity
     max_steps: int | None = None
+    checkpoint_every: int = 200  # steps between resumable checkpoints (and at each epoch end); 0: epoch ends only
 
 
 @dataclass
@@ -122,6 +124,9 @@ class TrainConfig:
     lookahead_k: int = 5
     lookahead_alpha: float = 0.5
     smart: SmartConfig = field(default_factory=lambda: SmartConfig())
+    # Steps between resumable checkpoints (also written at each epoch end; 0: epoch ends only).
+    # A killed run re-run with the same config continues from the last one. Not in the cache key.
+    checkpoint_every: int = 200
 
 
 @dataclass
@@ -165,6 +170,9 @@ class TrackingConfig:
     # null: sqlite store mlruns/mlflow.db beside the config. MLFLOW_TRACKING_URI wins.
     uri: str | None = None
     experiment: str = "minbert-multitask"
+    # An unreachable tracking server: error stops before any stage runs; local logs to the
+    # sqlite store mlruns/mlflow.db beside the config instead, and says so.
+    on_unreachable: Literal["error", "local"] = "error"
 
 
 @dataclass
@@ -173,6 +181,18 @@ class RayConfig:
     # RAY_ADDRESS wins when set.
     address: str | None = None
     num_cpus: int | None = None  # local Ray only; null: all cores
+
+
+@dataclass
+class ScheduleConfig:
+    # `python -m pipeline schedule install` puts a crontab entry that runs, at `cron` (five
+    # fields, or @daily/@hourly/...), each of `commands` in order: pipeline verb lines without
+    # the config, e.g. "tune --space search_spaces/default.yaml --trials 16" then "leaderboard";
+    # it stops at the first that fails. Paths relative to the config's folder.
+    cron: str | None = None
+    commands: list[str] = field(default_factory=list)
+    lock: str = "artifacts/schedule.lock"  # flock -n: a scheduled run never overlaps the previous one
+    log: str = "artifacts/schedule.log"  # every scheduled run's output is appended here
 
 
 @dataclass
@@ -188,6 +208,7 @@ class PipelineConfig:
     stages: StagesConfig = field(default_factory=StagesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 # Settings the smoke run applies on top of the config: same DAG, tiny data and epochs.
@@ -203,6 +224,8 @@ SMOKE_OVERRIDES = {
     "train.warmup_ratio": 0.0,
     "train.lr": 1e-3,
     "mlm.lr": 1e-3,
+    "train.checkpoint_every": 4,
+    "mlm.checkpoint_every": 4,
 }
 
 
@@ -220,8 +243,25 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     raw, lines = _mapping_with_lines(root, str(path))
     cfg = _build(PipelineConfig, raw, prefix="", where=lambda key: f"{path}:{lines.get(key, '?')}")
-    cfg = apply_overrides(cfg, overrides)
+    try:
+        cfg = apply_overrides(cfg, overrides)
+    except ConfigError as e:
+        raise ConfigError(_with_line(str(e), path, lines)) from None
     return cfg
+
+
+def _with_line(message: str, path: Path, lines: dict[str, int]) -> str:
+    """A range error in the file itself ('config: train.batch_size must be > 0') names the file
+    and the line of the first key it mentions that the file sets: 'exp.yaml:3: train...'."""
+    import re
+
+    if not message.startswith("config: "):
+        return message  # an override's error, already naming its --set
+    rest = message.removeprefix("config: ")
+    for key in re.findall(r"[a-z_]+(?:\.[a-z_]+)+", rest):
+        if key in lines:
+            return f"{path}:{lines[key]}: {rest}"
+    return f"{path}: {rest}"
 
 
 def apply_overrides(cfg: PipelineConfig, overrides: list[str] | dict[str, Any]) -> PipelineConfig:
@@ -233,13 +273,13 @@ def apply_overrides(cfg: PipelineConfig, overrides: list[str] | dict[str, Any]) 
         *parents, leaf = key.split(".")
         node = cfg
         for i, part in enumerate(parents):
-            if not dataclasses.is_dataclass(node) or part not in _field_types(type(node)):
+            if not dataclasses.is_dataclass(node) or part not in field_types(type(node)):
                 raise ConfigError(f"{where} {key}: unknown key '{'.'.join(parents[: i + 1])}'")
             node = getattr(node, part)
-        types_ = _field_types(type(node)) if dataclasses.is_dataclass(node) else {}
+        types_ = field_types(type(node)) if dataclasses.is_dataclass(node) else {}
         if leaf not in types_:
-            raise ConfigError(f"{where} {key}: unknown key '{key}'" + _did_you_mean(leaf, types_))
-        setattr(node, leaf, _check_value(types_[leaf], value, key, where))
+            raise ConfigError(f"{where} {key}: unknown key '{key}'" + did_you_mean(leaf, types_))
+        setattr(node, leaf, check_value(types_[leaf], value, key, where))
     validate(cfg, where="after overrides" if overrides else "config")
     return cfg
 
@@ -257,6 +297,9 @@ def validate(cfg: PipelineConfig, where: str = "config") -> None:
         positive(key, get(cfg, key))
     for key in ("train.steps_per_epoch", "mlm.max_steps", "data.max_rows"):
         positive(key, get(cfg, key), allow_none=True)
+    for key in ("train.checkpoint_every", "mlm.checkpoint_every"):
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{where}: {key} must be >= 0 (0: checkpoint at epoch ends only), got {get(cfg, key)}")
     if cfg.data.max_length < 8:
         raise ConfigError(f"{where}: data.max_length must be at least 8, got {cfg.data.max_length}")
     for key in ("data.quora_dev_fraction", "mlm.mask_prob", "mlm.heldout_fraction"):
@@ -359,7 +402,7 @@ def resolve_path(config_dir: Path, value: str) -> Path:
 # ---------------------------------------------------------------- helpers
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -370,10 +413,10 @@ def _build(cls: type, raw: Any, prefix: str, where) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where(prefix.rstrip('.'))}: {label}: expected a mapping, got {raw!r}")
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     for key in raw:
         if key not in types_:
-            raise ConfigError(f"{where(prefix + str(key))}: unknown key '{prefix}{key}'" + _did_you_mean(str(key), types_))
+            raise ConfigError(f"{where(prefix + str(key))}: unknown key '{prefix}{key}'" + did_you_mean(str(key), types_))
     kwargs = {}
     for name, tp in types_.items():
         if name not in raw:
@@ -382,11 +425,11 @@ def _build(cls: type, raw: Any, prefix: str, where) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], key + ".", where)
         else:
-            kwargs[name] = _check_value(tp, raw[name], key, where(key))
+            kwargs[name] = check_value(tp, raw[name], key, where(key))
     return cls(**kwargs)
 
 
-def _check_value(tp: Any, value: Any, key: str, where: str) -> Any:
+def check_value(tp: Any, value: Any, key: str, where: str) -> Any:
     """Check (and gently coerce) one leaf value against its annotation."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -394,7 +437,7 @@ def _check_value(tp: Any, value: Any, key: str, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(inner[0], value, key, where)
+        return check_value(inner[0], value, key, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {key}: expected one of {list(args)}, got {value!r}")
@@ -412,18 +455,27 @@ def _check_value(tp: Any, value: Any, key: str, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan slips through every range check (nan <= 0 is False)
+            raise ConfigError(f"{where}: {key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        return [check_value(args[0], item, f"{key}[{i}]", where) for i, item in enumerate(value)]
     raise ConfigError(f"{where}: {key}: unsupported type {tp}")
 
 
@@ -438,7 +490,7 @@ def _split_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _did_you_mean(key: str, options) -> str:
+def did_you_mean(key: str, options) -> str:
     import difflib
 
     close = difflib.get_close_matches(key, list(options), n=1)

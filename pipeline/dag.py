@@ -4,6 +4,11 @@ A stage's cache key = its name + the config sections it reads + the code version
 stages/*.py) + the fingerprints of what it reads from disk + its upstream stages' keys.
 Same key and a finished output in the store: the stage is skipped. Cache hits are decided
 before Ray starts, so a fully cached re-run never starts Ray at all.
+
+A stage's Ray task holds the store's lock of its key while it runs (ArtifactStore.claim) and
+works in that key's stable scratch folder; a stage killed half-way (kill -9, a dead worker,
+which Ray retries up to `stages.<name>.max_retries` times) resumes there from its checkpoint.
+Each attempt is tagged on the stage's MLflow run (`attempt` = 1, 2, ...).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -46,6 +52,9 @@ STAGES = (
           config_keys=("device", "train.eval_batch_size")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+# Config a stage reads that cannot change its output: not part of the cache key.
+NOT_IN_KEY = ("train.checkpoint_every", "mlm.checkpoint_every")
+CHECKPOINT_DIR = "checkpoint"  # a stage that can resume keeps its checkpoint in out/checkpoint/
 
 
 @dataclass
@@ -54,10 +63,14 @@ class PlannedStage:
     key: str
     inputs: tuple[str, ...]  # upstream stages whose outputs it receives
     cached: bool
+    forced: bool = False  # re-run by --force (or downstream of one): starts over, replaces the output
 
 
 class StageFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, stage: str | None = None, results: dict | None = None):
+        super().__init__(message)
+        self.stage = stage  # the stage that failed
+        self.results = results  # every stage that finished (cached or run) before it failed
 
 
 # ---------------------------------------------------------------- planning
@@ -70,26 +83,38 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, force: list[str] = ()) -> li
         raise ValueError(f"--force {unknown[0]}: unknown stage; stages are {', '.join(STAGE_NAMES)} or all")
     code = code_version()
     keys: dict[str, str] = {}
-    planned, rerun = [], set()
+    planned, rerun, forced_names = [], set(), set()
     for stage in STAGES:
         if not getattr(cfg.stages, stage.name).enabled:
             continue
         inputs = stage.needs + tuple(n for n in stage.optional_needs if n in keys)
         key_material = {
             "stage": stage.name,
-            "config": {k: _jsonable(get(cfg, k)) for k in stage.config_keys},
+            "config": {k: _key_config(cfg, k) for k in stage.config_keys},
             "files": _fingerprints(cfg, stage),
             "code": code,
             "upstream": {n: keys[n] for n in inputs},
         }
         keys[stage.name] = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
         # A forced stage re-runs, and so does everything downstream of a re-run.
-        forced = "all" in force or stage.name in force or any(n in rerun for n in inputs)
-        cached = not forced and store.is_finished(stage.name, keys[stage.name])
+        forced = "all" in force or stage.name in force or any(n in forced_names for n in inputs)
+        cached = not forced and not any(n in rerun for n in inputs) and store.is_finished(stage.name, keys[stage.name])
         if not cached:
             rerun.add(stage.name)
-        planned.append(PlannedStage(stage, keys[stage.name], inputs, cached))
+        if forced:
+            forced_names.add(stage.name)
+        planned.append(PlannedStage(stage, keys[stage.name], inputs, cached, forced=forced))
     return planned
+
+
+def _key_config(cfg: PipelineConfig, key: str):
+    value = _jsonable(get(cfg, key))
+    if isinstance(value, dict):
+        for skip in NOT_IN_KEY:
+            section, _, leaf = skip.partition(".")
+            if section == key:
+                value.pop(leaf, None)
+    return value
 
 
 def code_version() -> str:
@@ -146,6 +171,7 @@ class RunContext:
     cfg: PipelineConfig
     store_location: str
     tracking_uri: str
+    resume: bool = True  # a stage whose scratch holds a checkpoint of its key continues from it
 
 
 def execute(planned: list[PlannedStage], ctx: RunContext, stage_runs: dict[str, str],
@@ -178,37 +204,65 @@ def execute(planned: list[PlannedStage], ctx: RunContext, stage_runs: dict[str, 
             name=p.stage.name, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus,
             max_retries=opts.max_retries,
         ).remote(p.stage.name, p.key, {n: _key_of(planned, n) for n in p.inputs}, ctx,
-                 stage_runs[p.stage.name], *upstream)
+                 stage_runs[p.stage.name], p.forced, *upstream)
     for p in todo:
+        retries = getattr(ctx.cfg.stages, p.stage.name).max_retries
         try:
             results[p.stage.name] = ray.get(refs[p.stage.name])
         except ray.exceptions.RayTaskError as e:
-            raise StageFailed(f"stage {p.stage.name} failed:\n{_cause(e)}") from None
-        except ray.exceptions.WorkerCrashedError as e:
-            raise StageFailed(f"stage {p.stage.name} failed: its Ray worker died ({e})") from None
+            raise StageFailed(f"stage {p.stage.name} failed:\n{_cause(e)}", p.stage.name, results) from None
+        except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) on every attempt
+            raise StageFailed(f"stage {p.stage.name} failed: its Ray worker died on each of "
+                              f"{retries + 1} attempt(s) (stages.{p.stage.name}.max_retries = {retries}): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", p.stage.name, results) from None
     return results
 
 
-def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, run_id: str, *_upstream) -> dict:
-    """Body of a stage's Ray task: scratch folder in, published output and result out."""
+def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, run_id: str,
+               forced: bool = False, *_upstream) -> dict:
+    """Body of a stage's Ray task: under its key's lock, the stable scratch folder in (resumed
+    from its checkpoint or emptied), the published output and result out."""
     stage = next(s for s in STAGES if s.name == name)
     _use_reserved_cpus(getattr(ctx.cfg.stages, name).num_cpus)
     store = ArtifactStore(ctx.store_location)
-    inputs = {n: store.local_dir(n, k) for n, k in input_keys.items()}
-    log = tracking.StageLogger(ctx.tracking_uri, run_id)
-    scratch = store.scratch_dir(name, key)
-    start = time.time()
+    attempt = tracking.next_attempt(ctx.tracking_uri, run_id)
+    if attempt > 1:
+        print(f"{name}: attempt {attempt} (the previous attempt's worker died)")
+    lock = store.claim(name, key)
+    if not lock.acquire(blocking=False):
+        print(f"{name}: another run is computing key {key}; waiting for its lock {lock.path}")
+        lock.acquire()
     try:
-        result = importlib.import_module(stage.module).run(ctx.cfg, inputs, scratch, log)
-    except BaseException:
-        tracking.set_tags(ctx.tracking_uri, run_id, {"error": traceback.format_exc()[-4000:]})
-        store.discard(scratch)
-        raise
-    result = _relative_paths(dict(result or {}), scratch)
-    result["seconds"] = round(time.time() - start, 2)
-    result.setdefault("metrics", {})
-    store.publish(name, key, scratch, result)
-    return result
+        if not forced and store.is_finished(name, key):
+            # A concurrent run published this key while we waited: theirs is our cache hit.
+            tracking.set_tags(ctx.tracking_uri, run_id, {"cache_hit": True, "published_by": "a concurrent run"})
+            return store.read_result(name, key)
+        inputs = {n: store.local_dir(n, k) for n, k in input_keys.items()}
+        scratch = lock.scratch
+        # A retry always continues its own checkpoint; a new run does unless forced or --no-resume.
+        resume = (scratch / CHECKPOINT_DIR).is_dir() and (attempt > 1 or (ctx.resume and not forced))
+        if not resume:
+            shutil.rmtree(scratch, ignore_errors=True)  # a dead attempt's files: start clean
+        scratch.mkdir(parents=True, exist_ok=True)
+        if resume:
+            print(f"{name}: resuming from the checkpoint in {scratch / CHECKPOINT_DIR}")
+            tracking.set_tags(ctx.tracking_uri, run_id, {"resumed_from_checkpoint": True})
+        log = tracking.StageLogger(ctx.tracking_uri, run_id)
+        start = time.time()
+        try:
+            result = importlib.import_module(stage.module).run(ctx.cfg, inputs, scratch, log)
+        except BaseException:
+            tracking.set_tags(ctx.tracking_uri, run_id, {"error": traceback.format_exc()[-4000:]})
+            if not (scratch / CHECKPOINT_DIR).is_dir():
+                store.discard(scratch)  # nothing to resume from; a checkpoint stays for the re-run
+            raise
+        result = _relative_paths(dict(result or {}), scratch)
+        result["seconds"] = round(time.time() - start, 2)
+        result.setdefault("metrics", {})
+        store.publish(name, key, scratch, result, replace=forced)
+        return result
+    finally:
+        lock.release()
 
 
 def _use_reserved_cpus(num_cpus: float) -> None:

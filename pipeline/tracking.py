@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -29,13 +32,56 @@ def tracking_uri(configured: str | None, config_dir: Path) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     if configured:
         return configured
+    return local_uri(config_dir)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
+    """None when the tracking store answers; else why not. Only HTTP(S) servers are probed
+    (one short request, no retries): a sqlite or file store is local and created on use."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: a server that is up (the health route may need auth)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
+
+
+def local_uri(config_dir: Path) -> str:
+    """The sqlite store beside the config: the default, and the fallback for an unreachable server."""
     store = config_dir / "mlruns"
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def next_attempt(uri: str, run_id: str) -> int:
+    """Count one more attempt at the stage whose run this is (tag `attempt`: 1, 2, ...); Ray
+    re-runs a task whose worker died, and the retry finds the previous attempt's tag."""
+    previous = MlflowClient(uri).get_run(run_id).data.tags.get("attempt", "0")
+    attempt = int(previous) + 1 if previous.isdigit() else 1
+    set_tags(uri, run_id, {"attempt": attempt})
+    return attempt
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """Create the experiment in the driver before any worker or trial touches the store."""
+    if uri.startswith("sqlite:///"):
+        # Two runs starting at once on a new sqlite store would both create its tables (MLflow
+        # runs its schema migrations on first use, which collide); one at a time.
+        import fcntl
+
+        lock_path = Path(uri[len("sqlite:///"):]).with_suffix(".init-lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _ensure_experiment(uri, name)
+    return _ensure_experiment(uri, name)
+
+
+def _ensure_experiment(uri: str, name: str) -> str:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -75,6 +121,10 @@ def set_tags(uri: str, run_id: str, tags: dict) -> None:
     MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def get_tags(uri: str, run_id: str) -> dict:
+    return dict(MlflowClient(uri).get_run(run_id).data.tags)
+
+
 def log_artifacts(uri: str, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
     MlflowClient(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
@@ -92,17 +142,35 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 class StageLogger:
-    """The `log(metrics, step=None)` callable a stage gets; picklable, so it crosses to Ray workers."""
+    """The `log(metrics, step=None)` callable a stage gets; picklable, so it crosses to Ray workers.
+
+    A tracking store that fails mid-stage (after MLflow's own retries) never stops training:
+    the metrics are kept and sent with the next call that gets through, and the stage's final
+    result is in its published output either way.
+    """
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
+        self.pending: list[tuple[dict, int | None]] = []
 
     def __call__(self, metrics: dict, step: int | None = None) -> None:
-        log_metrics(self.uri, self.run_id, metrics, step)
+        self.pending.append((dict(metrics), step))
+        try:
+            while self.pending:
+                log_metrics(self.uri, self.run_id, *self.pending[0])
+                self.pending.pop(0)
+        except Exception as e:  # noqa: BLE001 - any store failure: keep training, keep the metrics
+            print(f"warning: MLflow at {self.uri} did not take {len(self.pending)} metric batch(es), "
+                  f"kept to retry with the next ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 
 
 def git_commit(repo_dir: Path) -> str:
-    """HEAD's commit, with '+dirty' when the work tree has uncommitted changes."""
+    """HEAD's commit, with '+dirty' when the work tree has uncommitted changes.
+
+    A Ray job's uploaded working dir has no .git: `pipeline submit` passes the submitting
+    checkout's commit in PIPELINE_GIT_COMMIT."""
+    if os.environ.get("PIPELINE_GIT_COMMIT"):
+        return os.environ["PIPELINE_GIT_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
                                 text=True, check=True).stdout.strip()

@@ -34,7 +34,7 @@ import yaml
 from ray.tune import Callback
 
 from pipeline import dag, tracking
-from pipeline.config import (ConfigError, PipelineConfig, _check_value, _did_you_mean, _field_types, apply_overrides,
+from pipeline.config import (ConfigError, PipelineConfig, check_value, did_you_mean, field_types, apply_overrides,
                              dump_yaml, flatten, get, load_config)
 from pipeline.store import ArtifactStore
 
@@ -290,7 +290,7 @@ def load_space(path: str | Path, cfg: PipelineConfig | None = None) -> SearchSpa
             raise ConfigError(f"{where}: duplicate key (first at line {lines[key]})")
         lines[key] = line
         if key not in leaves:
-            raise ConfigError(f"{where}: unknown config key" + _did_you_mean(key, leaves)
+            raise ConfigError(f"{where}: unknown config key" + did_you_mean(key, leaves)
                               + " (keys are dotted config keys, as in --set)")
         value = yaml.safe_load(yaml.serialize(value_node))
         if isinstance(value, dict):
@@ -300,7 +300,7 @@ def load_space(path: str | Path, cfg: PipelineConfig | None = None) -> SearchSpa
         else:
             fixed[key] = value
     for key, value in fixed.items():
-        fixed[key] = _check_value(_leaf_annotation(key), value, key, f"{path}:{lines[key]}")
+        fixed[key] = check_value(_leaf_annotation(key), value, key, f"{path}:{lines[key]}")
     try:
         base = apply_overrides(cfg, fixed)
     except ConfigError as e:
@@ -373,7 +373,7 @@ def _check_param_fits_config(p: Param, base: PipelineConfig, where: str) -> None
 def _leaf_annotation(key: str):
     tp: Any = PipelineConfig
     for part in key.split("."):
-        tp = _field_types(tp)[part]
+        tp = field_types(tp)[part]
     return tp
 
 
@@ -442,6 +442,17 @@ def startup_trials(trials: int) -> int:
     return max(2, min(10, trials // 4))
 
 
+def optuna_searcher(space: SearchSpace, seed: int, trials: int, points_to_evaluate: list[dict] = ()):
+    """OptunaSearch with a seeded TPE sampler over the space (the first points, if any, tried first)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials))
+    return OptunaSearch(space.optuna_distributions(), metric=METRIC, mode="max",
+                        points_to_evaluate=list(points_to_evaluate) or None, sampler=sampler)
+
+
 def run_search(ctx: TrialContext, exp_dir: Path, trials: int, seed: int, points_to_evaluate: list[dict] = (),
                resume: bool = False, searcher: str = "optuna", scheduler: str = "asha", verbose: bool = True) -> str:
     """Run (or resume) the Tune experiment in `exp_dir`; "finished" or "interrupted"."""
@@ -460,15 +471,8 @@ def run_search(ctx: TrialContext, exp_dir: Path, trials: int, seed: int, points_
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True)
     else:
         if searcher == "optuna":
-            import optuna
-            from ray.tune.search.optuna import OptunaSearch
-
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials))
-            search_alg = ConcurrencyLimiter(
-                OptunaSearch(ctx.space.optuna_distributions(), metric=METRIC, mode="max",
-                             points_to_evaluate=list(points_to_evaluate) or None, sampler=sampler),
-                max_concurrent=concurrency)
+            search_alg = ConcurrencyLimiter(optuna_searcher(ctx.space, seed, trials, points_to_evaluate),
+                                            max_concurrent=concurrency)
             param_space = {}
         else:
             search_alg = BasicVariantGenerator(points_to_evaluate=list(points_to_evaluate) or None,
@@ -525,6 +529,9 @@ def trial(config: dict, ctx: TrialContext) -> None:
     def log_epoch(metrics: dict, step: int | None = None) -> None:
         tracking.log_metrics(uri, run_id, metrics, step)
         if step is not None:
+            if METRIC in metrics:  # kept before reporting: ASHA may end the trial inside tune.report
+                record = _read_record(out)
+                _write_record(out, {**record, "epochs": [*record.get("epochs", []), metrics[METRIC]]})
             tune.report({**metrics, "epoch": step})  # ASHA decides on this epoch's dev/overall
 
     def log_final(metrics: dict, step: int | None = None) -> None:
@@ -612,15 +619,22 @@ def _finish_search(ctx: TrialContext, exp_dir: Path, state: dict, records: list[
         "tune_search": state["name"], "trial_id": best["trial_id"], METRIC: f"{best['metrics'][METRIC]:.6f}"},
         description=f"best of {len(records)} trials of tune search {state['name']}")
     tracking.set_tags(uri, best["run_id"], {"tune_best": "true"})
+    if not state["smoke"]:  # the alias `leaderboard` submits; a smoke model never takes it
+        from pipeline.leaderboard import promote_champion
+
+        if promote_champion(uri, ctx.cfg.tracking.experiment, version, best["metrics"][METRIC]):
+            print(f"tune: version {version} of '{ctx.cfg.tracking.experiment}' is now its 'champion' (leaderboard submits it)")
     tracking.set_tags(uri, parent, {"best_trial": best["trial_id"], "best_run_id": best["run_id"],
                                     "registered_model": f"{ctx.cfg.tracking.experiment}/{version}"})
     tracking.log_metrics(uri, parent, {**{k: v for k, v in best["metrics"].items() if k.startswith("dev/")},
                                        "tune/seconds": seconds, "tune/trials": len(records),
                                        "tune/early_stopped": sum(r["status"] == "early_stopped" for r in records)})
     tracking.end_run(uri, parent)
-    for record in records:  # only the best model is kept: it is logged and registered
+    for record in records:  # only the best model is kept (logged and registered); no optimizer states
+        finetune_dir = Path(ctx.trials_dir) / record["trial_id"] / "finetune"
+        shutil.rmtree(finetune_dir / "checkpoint", ignore_errors=True)  # left by trials ASHA stopped
         if record is not best:
-            shutil.rmtree(Path(ctx.trials_dir) / record["trial_id"] / "finetune" / "model", ignore_errors=True)
+            shutil.rmtree(finetune_dir / "model", ignore_errors=True)
     state.update(finished=True, best=best["trial_id"], best_config=str(best_path),
                  registered={"name": ctx.cfg.tracking.experiment, "version": version})
     _write_state(exp_dir, state)
@@ -635,8 +649,10 @@ def _print_summary(state: dict, records: list[dict], uri: str) -> None:
     best = next((r for r in records if r["trial_id"] == state.get("best")), None)
     for r in records:
         score = r.get("metrics", {}).get(METRIC)
+        shown = f"{score:.4f}" if score is not None else (f"({r['epochs'][-1]:.4f} at epoch {len(r['epochs'])})"
+                                                         if r.get("epochs") else "-")
         mark = "*" if r is best else " "
-        print(f" {mark} {r['trial_id']:<14} {r['status']:<14} {METRIC} {'-' if score is None else f'{score:.4f}':<7} "
+        print(f" {mark} {r['trial_id']:<10} {r['status']:<14} {METRIC} {shown:<7} "
               + " ".join(f"{_short(k)}={_fmt(v)}" for k, v in r["values"].items()))
     if best:
         print(f"\nbest trial:    {best['trial_id']}  {METRIC} = {best['metrics'][METRIC]:.4f}")
@@ -730,6 +746,11 @@ def _possible_values(ctx: TrialContext, key: str) -> list:
 
 
 def _close_trial(uri: str, out: Path, status: str, mlflow_status: str) -> None:
+    from stages import checkpoint
+
+    # A trial never resumes (a restarted one starts in a clean folder), so its checkpoint,
+    # hundreds of MB with MiniLM, is only disk to free.
+    checkpoint.remove(out / "finetune")
     record = _read_record(out)
     if not record:
         return

@@ -11,8 +11,14 @@ ranking loss first. The optimizer is AdamW (layer-wise LR decay, optionally insi
 After each epoch every dev split is predicted and scored; the best epoch by dev/overall is
 saved to out/model (encoder as a HuggingFace BERT folder + heads), and out/history.json keeps
 the per-epoch metrics. Starts from mlm_pretrain's model when that stage ran, else cfg.model.dir.
+
+Every train.checkpoint_every steps and at each epoch end the whole training state goes to
+out/checkpoint/ (stages/checkpoint.py); a run whose `out` already holds a checkpoint of the same
+config and data continues from it and ends with the metrics of an uninterrupted run: the batch
+plan is redrawn from the seed, and the random state after it is restored from the checkpoint.
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages import smart
+from stages import checkpoint, smart
 from stages.batches import bucketed_batches, load_split
 from stages.device import autocast, pick_device
 from stages.metrics import dev_metrics
@@ -104,19 +110,59 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     sc = tc.smart
     proximal = smart.make_proximal_copy(model) if sc.enabled and sc.proximal_weight > 0 else None
 
-    # ---- the epoch loop
+    # ---- resume: `out` holds a checkpoint of this same run (a killed earlier attempt)
     history = []
     best = None  # (score, epoch)
     total_examples, total_seconds = 0, 0.0
+    resume_at = (1, 0)  # (epoch, steps of it already done)
+    epoch_progress = None  # a resumed epoch's loss sums and counts, examples and seconds so far
+    train_cfg = {k: v for k, v in dataclasses.asdict(tc).items() if k != "checkpoint_every"}
+    fingerprint = checkpoint.fingerprint(cfg.seed, dataclasses.asdict(cfg.model), train_cfg,
+                                         dataclasses.asdict(cfg.loss), str(encoder_dir),
+                                         (data_dir / "manifest.json").read_text())
+    saved = checkpoint.load(out, fingerprint, "finetune")
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if proximal is not None:
+            proximal.load_state_dict(saved["proximal"])
+        if loss_scale is not None:
+            loss_scale.means = dict(saved["loss_scale"])
+        checkpoint.restore_rng(saved["rng"], {"plan": rng})
+        history, best = saved["history"], saved["best"] and tuple(saved["best"])
+        total_examples, total_seconds = saved["total_examples"], saved["total_seconds"]
+        resume_at, epoch_progress = tuple(saved["resume_at"]), saved["epoch_progress"]
+        print(f"finetune: resuming from {out / checkpoint.DIR} at epoch {resume_at[0]}, "
+              f"after {resume_at[1]} of its steps")
+
+    def save_checkpoint(at: tuple[int, int], progress: dict | None) -> None:
+        checkpoint.save(out, {
+            "fingerprint": fingerprint, "resume_at": at, "epoch_progress": progress,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "proximal": proximal.state_dict() if proximal is not None else None,
+            "loss_scale": dict(loss_scale.means) if loss_scale is not None else None,
+            "rng": checkpoint.rng_state({"plan": rng}), "history": history, "best": best,
+            "total_examples": total_examples, "total_seconds": total_seconds})
+
+    # ---- the epoch loop
     for epoch, steps in enumerate(plan, start=1):
+        if epoch < resume_at[0]:
+            continue
+        first_step = resume_at[1] if epoch == resume_at[0] else 0
+        steps_before = sum(len(s) for s in plan[:epoch - 1])
         model.train()
         mnr_epoch = epoch <= cfg.loss.sts_mnr_epochs
         loss_sums, loss_counts = {}, {}
-        examples = 0
+        examples, seconds_before = 0, 0.0
+        if first_step and epoch_progress:
+            loss_sums, loss_counts = dict(epoch_progress["loss_sums"]), dict(epoch_progress["loss_counts"])
+            examples, seconds_before = epoch_progress["examples"], epoch_progress["seconds"]
         start = time.perf_counter()
-        bar = tqdm(steps, desc=f"finetune epoch {epoch}/{tc.epochs}", unit="step", file=sys.stderr,
+        bar = tqdm(steps[first_step:], desc=f"finetune epoch {epoch}/{tc.epochs}", unit="step", file=sys.stderr,
+                   initial=first_step, total=len(steps),
                    mininterval=2.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-        for step in bar:
+        for done, step in enumerate(bar, start=first_step + 1):
             task_losses = {}  # task -> the loss that task's gradient comes from (weighted)
             for task, idx in step:
                 batch = make_batch(task, train[task], idx, device, pair_encoding)
@@ -162,8 +208,11 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             # refresh=False: the bar redraws on its own mininterval, not on every step
             bar.set_postfix(loss=f"{value:.3f}", ex_s=f"{examples / (time.perf_counter() - start):.0f}",
                             refresh=False)
+            if tc.checkpoint_every and (steps_before + done) % tc.checkpoint_every == 0 and done < len(steps):
+                save_checkpoint((epoch, done), {"loss_sums": loss_sums, "loss_counts": loss_counts, "examples": examples,
+                                                "seconds": seconds_before + time.perf_counter() - start})
         bar.close()
-        seconds = time.perf_counter() - start
+        seconds = seconds_before + time.perf_counter() - start
         total_examples += examples
         total_seconds += seconds
 
@@ -184,6 +233,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         if best is None or score is None or score > best[0]:
             best = (score, epoch)
             _save_atomically(model, out / "model", encoder_dir)
+        save_checkpoint((epoch + 1, 0), None)
 
     result_metrics = {"best/epoch": float(best[1]),
                       "train/examples_per_s": total_examples / total_seconds if total_seconds > 0 else 0.0}
@@ -193,6 +243,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     for key in ("dev/sst_acc", "dev/para_acc", "dev/sts_corr"):
         if key in best_row:
             result_metrics["best/" + key.replace("/", "_")] = best_row[key]
+    checkpoint.remove(out)  # finished: the output needs no optimizer state
     return {"metrics": result_metrics, "model": str(out / "model")}
 
 

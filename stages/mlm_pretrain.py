@@ -12,11 +12,16 @@ The held-out perplexity uses one masking, drawn once from a generator seeded wit
 so the numbers are comparable across epochs. It is exp of the mean cross-entropy per masked
 token (token-weighted over the whole held-out set, not a mean of batch means).
 
+Every mlm.checkpoint_every steps and at each epoch end the training state goes to
+out/checkpoint/ (stages/checkpoint.py); a run whose `out` holds a checkpoint of the same config
+and data continues from it, drawing the same batches and masks as an uninterrupted run.
+
 The MLM head is HuggingFace BERT's (dense H->H, GELU, LayerNorm, then a decoder whose weight is
 the encoder's word-embedding matrix plus a per-token bias). Only the encoder is saved: finetune
 starts from it and has no use for the head.
 """
 
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from stages import checkpoint
 from stages.batches import Split, bucketed_batches, load_split, pad_batch
 from stages.device import autocast, pick_device
 from stages.encoder import load_bert, save_bert
@@ -67,10 +73,6 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                                          tok["vocab_size"], cfg.mlm.mask_prob, heldout_generator)
         heldout_batches.append((masked_ids, attention_mask, labels))
 
-    heldout_before = _heldout_loss(model, heldout_batches, device)
-    log({"mlm/heldout_loss": heldout_before, "mlm/heldout_perplexity": math.exp(heldout_before)}, step=0)
-    print(f"mlm_pretrain: held-out perplexity before training {math.exp(heldout_before):.3f}")
-
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.mlm.weight_decay), lr=cfg.mlm.lr)
     batch_rng = np.random.default_rng(cfg.seed)
     mask_generator = torch.Generator().manual_seed(cfg.seed + 1)  # not the held-out masking stream
@@ -80,14 +82,48 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     if cfg.mlm.max_steps is not None:
         total_steps = min(total_steps, cfg.mlm.max_steps)
 
-    step, epoch, heldout = 0, 0, heldout_before
-    window_loss, window_steps = 0.0, 0
-    tokens_seen, started = 0, time.perf_counter()
-    progress = tqdm(total=total_steps, desc="mlm_pretrain", unit="step", mininterval=2.0)
+    # A checkpoint names a position: `epoch` epochs finished, then `batch` batches of the next
+    # one, whose batches are drawn from batch_rng in the state `epoch_rng` (its start).
+    mlm_cfg = {k: v for k, v in dataclasses.asdict(cfg.mlm).items() if k != "checkpoint_every"}
+    fingerprint = checkpoint.fingerprint(cfg.seed, dataclasses.asdict(cfg.model), mlm_cfg,
+                                         (data_dir / "manifest.json").read_text())
+    step, epoch, resume_batch = 0, 0, 0
+    window_loss, window_steps, tokens_seen = 0.0, 0, 0
+    saved = checkpoint.load(out, fingerprint, "mlm_pretrain")
+    if saved is None:
+        heldout_before = _heldout_loss(model, heldout_batches, device)
+        log({"mlm/heldout_loss": heldout_before, "mlm/heldout_perplexity": math.exp(heldout_before)}, step=0)
+        print(f"mlm_pretrain: held-out perplexity before training {math.exp(heldout_before):.3f}")
+        heldout = heldout_before
+    else:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        checkpoint.restore_rng(saved["rng"], {"batches": batch_rng}, {"masks": mask_generator})
+        batch_rng.bit_generator.state = saved["epoch_rng"]
+        step, epoch, resume_batch = saved["step"], saved["epoch"], saved["batch"]
+        heldout_before, heldout = saved["heldout_before"], saved["heldout"]
+        window_loss, window_steps, tokens_seen = saved["window_loss"], saved["window_steps"], saved["tokens_seen"]
+        print(f"mlm_pretrain: resuming from {out / checkpoint.DIR} at step {step} "
+              f"(epoch {epoch + 1}, batch {resume_batch})")
+
+    def save_checkpoint(epochs_done: int, batch: int, epoch_rng: dict) -> None:
+        checkpoint.save(out, {
+            "fingerprint": fingerprint, "step": step, "epoch": epochs_done, "batch": batch,
+            "epoch_rng": epoch_rng, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": checkpoint.rng_state({"batches": batch_rng}, {"masks": mask_generator}),
+            "heldout_before": heldout_before, "heldout": heldout, "window_loss": window_loss,
+            "window_steps": window_steps, "tokens_seen": tokens_seen})
+
+    started = time.perf_counter()
+    progress = tqdm(total=total_steps, initial=step, desc="mlm_pretrain", unit="step", mininterval=2.0)
     while epoch < cfg.mlm.epochs and step < total_steps:
         epoch += 1
         model.train()
-        for idx in bucketed_batches(train_lengths, cfg.mlm.batch_size, batch_rng):
+        epoch_rng = batch_rng.bit_generator.state
+        first_batch, resume_batch = resume_batch, 0
+        for batch_index, idx in enumerate(bucketed_batches(train_lengths, cfg.mlm.batch_size, batch_rng)):
+            if batch_index < first_batch:
+                continue  # done before the checkpoint this run resumed from
             if step >= total_steps:
                 break
             input_ids, attention_mask = pad_batch(train_text, "input_ids", idx, tok["pad_id"])
@@ -111,6 +147,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             if step % LOG_EVERY == 0:
                 log({"mlm/train_loss": window_loss / window_steps}, step=step)
                 window_loss, window_steps = 0.0, 0
+            if cfg.mlm.checkpoint_every and step % cfg.mlm.checkpoint_every == 0:
+                save_checkpoint(epoch - 1, batch_index + 1, epoch_rng)
 
         if window_steps:
             log({"mlm/train_loss": window_loss / window_steps}, step=step)
@@ -118,6 +156,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         heldout = _heldout_loss(model, heldout_batches, device)
         log({"mlm/heldout_loss": heldout, "mlm/heldout_perplexity": math.exp(heldout)}, step=epoch)
         progress.write(f"mlm_pretrain: epoch {epoch}: held-out perplexity {math.exp(heldout):.3f} (step {step})")
+        save_checkpoint(epoch, 0, batch_rng.bit_generator.state)
     progress.close()
 
     model_dir = save_bert(model.encoder.cpu(), out / "model", tokenizer_from=cfg.model.dir)
@@ -125,6 +164,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                "mlm/heldout_perplexity_before": math.exp(heldout_before),
                "mlm/heldout_loss": heldout,
                "mlm/steps": float(step)}
+    checkpoint.remove(out)  # finished: the output needs no optimizer state
     return {"metrics": metrics, "model": str(model_dir)}
 
 

@@ -118,3 +118,42 @@ def test_dumped_config_loads_back_identically(tmp_path):
     cfg = load_config(REPO / "pipeline.yaml", ["train.lr=3e-5", "loss.weights.para=0.5"])
     path = write(tmp_path, dump_yaml(cfg))
     assert load_config(path) == cfg
+
+
+# ---------------------------------------------------------------- range errors name the file and line
+
+
+@pytest.mark.parametrize("text,message", [
+    ("seed: 1\ntrain:\n  batch_size: 0\n", r"exp\.yaml:3: train\.batch_size must be > 0, got 0"),
+    ("mlm:\n  batch_size: -8\n", r"exp\.yaml:2: mlm\.batch_size must be > 0, got -8"),
+    ("train:\n  lr: -1e-4\n", r"exp\.yaml:2: train\.lr must be > 0, got -0\.0001"),
+    ("train:\n  lr: .nan\n", r"exp\.yaml:2: train\.lr: expected a finite number, got nan"),
+    ("train:\n  lr: nan\n", r"exp\.yaml:2: train\.lr: expected a finite number, got 'nan'"),
+    ("loss:\n  weights:\n    sts: .inf\n", r"exp\.yaml:3: loss\.weights\.sts: expected a finite number, got inf"),
+    ("train:\n  epochs: 2\n  checkpoint_every: -1\n", r"exp\.yaml:3: train\.checkpoint_every must be >= 0"),
+    ("stages:\n  finetune:\n    enabled: false\n",
+     r"exp\.yaml:2: stages\.evaluate is enabled but depends on stages\.finetune, which is disabled"),
+])
+def test_range_errors_name_file_line_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_learning_rate_not_a_number_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp\.yaml:3: train\.lr: expected a number, got '1e-4x'"):
+        load_config(write(tmp_path, "train:\n  epochs: 1\n  lr: 1e-4x\n"))
+
+
+def test_reliability_keys(tmp_path):
+    cfg = load_config(write(tmp_path, "tracking:\n  on_unreachable: local\ntrain:\n  checkpoint_every: 0\n"))
+    assert cfg.tracking.on_unreachable == "local" and cfg.train.checkpoint_every == 0
+    assert PipelineConfig().tracking.on_unreachable == "error" and PipelineConfig().train.checkpoint_every == 200
+    with pytest.raises(ConfigError, match=r"exp\.yaml:2: tracking\.on_unreachable: expected one of \['error', 'local'\], got 'ignore'"):
+        load_config(write(tmp_path, "tracking:\n  on_unreachable: ignore\n"))
+
+
+def test_an_override_can_fix_a_bad_file_value(tmp_path):
+    path = write(tmp_path, "train:\n  batch_size: 0\n")
+    assert load_config(path, ["train.batch_size=8"]).train.batch_size == 8
+    with pytest.raises(ConfigError, match=r"after overrides: train\.batch_size must be > 0, got 0"):
+        load_config(path, ["train.lr=1e-4"])

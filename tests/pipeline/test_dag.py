@@ -95,3 +95,12 @@ def test_pyarrow_uri_store_round_trip(tmp_path):
     assert store.read_result("s", "k")["metrics"] == {"m": 1.0}
     local = store.local_dir("s", "k", cache=tmp_path / "cache")
     assert (local / "model" / "w.bin").read_bytes() == b"abc"
+
+
+def test_only_force_marks_stages_forced(cfg, tmp_path):
+    """`forced` (start over, replace the published output) comes from --force and cascades
+    from it; a stage merely not cached yet may take a concurrent run's output instead."""
+    store = ArtifactStore(str(tmp_path / "a"))
+    assert [p.forced for p in dag.plan(cfg, store)] == [False, False, False]
+    finish(store, dag.plan(cfg, store))
+    assert [p.forced for p in dag.plan(cfg, store, ["finetune"])] == [False, True, True]

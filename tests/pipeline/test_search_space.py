@@ -9,8 +9,8 @@ import pytest
 from ray.tune.search import sample
 
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, load_config
-from pipeline.tune import (best_record, load_space, max_concurrent, startup_trials, trial_records,
-                           trial_resources)
+from pipeline.tune import (best_record, load_space, max_concurrent, optuna_searcher, startup_trials,
+                           trial_records, trial_resources)
 from tests.conftest import REPO
 
 
@@ -164,3 +164,22 @@ def test_best_trial_is_the_best_evaluated_one_and_records_keep_start_order(tmp_p
     # the early-stopped 0.90 was never evaluated as a finished model; NaN never wins
     assert best_record(records)["trial_id"] == "a1"
     assert best_record([r for r in records if r["status"] != "finished"]) is None
+
+
+def test_the_optuna_search_is_seeded_and_can_start_from_the_config():
+    cfg = apply_overrides(PipelineConfig(), {"train.sampling": "annealed"})
+    space = load_space(REPO / "search_spaces" / "default.yaml", cfg)
+
+    def suggestions(seed, points=()):
+        searcher = optuna_searcher(space, seed, trials=8, points_to_evaluate=points)
+        return [searcher.suggest(f"trial{i}") for i in range(3)]
+
+    first = suggestions(seed=1)
+    assert suggestions(seed=1) == first  # the same seed, the same search
+    assert suggestions(seed=2) != first
+    assert set(first[0]) == set(space.params)
+    for point in first:
+        assert 1e-5 <= point["train.lr"] <= 3e-3 and point["train.batch_size"] in (8, 16, 32)
+        assert round(point["model.dropout"] / 0.05, 9) % 1 == 0  # on the quniform grid
+    own = space.config_point(cfg)
+    assert suggestions(seed=1, points=[own])[0] == own  # --include-config: the config's values go first

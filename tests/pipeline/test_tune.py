@@ -3,9 +3,11 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -29,12 +31,17 @@ def workdir(tmp_path_factory, shared_data_dir):
     return work
 
 
-def run_cli(work, verb, *args):
+def cli_env():
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env["RAY_TMPDIR"] = ray_tmp
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    return env
+
+
+def run_cli(work, verb, *args):
+    env = cli_env()
+    ray_tmp = env["RAY_TMPDIR"]
     try:
         proc = subprocess.run([sys.executable, "-m", "pipeline", verb, *args], cwd=work, env=env,
                               capture_output=True, text=True, timeout=600)
@@ -145,3 +152,44 @@ def test_a_bad_space_is_an_error_before_anything_starts(workdir, tmp_path):
     if (workdir / "mlruns" / "mlflow.db").exists():
         _, runs = mlflow_runs(workdir)
         assert not [r for r in runs if r.info.run_name == "tune bad"]
+
+
+def test_an_interrupted_search_resumes_without_redoing_finished_trials(workdir, search):
+    # one trial at a time (a trial takes both CPUs), Ctrl-C once the first has finished
+    args = ["exp.yaml", "--space", str(SPACE), "--smoke", "--trials", "3", "--name", "r",
+            "--set", "stages.finetune.num_cpus=2"]
+    env = cli_env()
+    trials_dir = workdir / "artifacts" / "tune" / "r" / "trials"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *args], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not any('"finished"' in p.read_text() for p in trials_dir.glob("*/trial.json")):
+            assert proc.poll() is None and time.time() < deadline, "the search ended before a trial finished"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    print(stdout[-3000:], stderr[-3000:])
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "--resume --name r" in stderr
+    done_before = {p.parent.name for p in trials_dir.glob("*/trial.json") if '"finished"' in p.read_text()}
+    client, runs = mlflow_runs(workdir)
+    parent = next(r for r in runs if r.info.run_name == "tune r")
+    assert parent.info.status == "KILLED"
+
+    resumed = run_cli(workdir, "tune", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, runs = mlflow_runs(workdir)
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.data.tags["stage"] == "trial"]
+    completed = [r.data.tags["trial_id"] for r in children if r.info.status == "FINISHED"]
+    assert len(completed) == 3 and len(set(completed)) == 3  # every trial completed exactly once
+    for trial_id in done_before:  # and the ones finished before Ctrl-C were not run again
+        assert [r.data.tags["trial_id"] for r in children].count(trial_id) == 1
+    # a trial cut off by Ctrl-C keeps its run, marked KILLED, and ran again from the start
+    assert all(r.data.tags.get("interrupted") == "true" for r in children if r.info.status == "KILLED")

@@ -149,6 +149,23 @@ def test_truncation_is_counted_and_keeps_sep(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["splits"]["sts-train"]["truncated"] == 3
 
 
+def test_sentence_far_over_max_length_is_truncated_and_counted_not_an_error(tmp_path):
+    huge = " ".join(["good"] * 5000)  # 5002 tokens: far over any BERT's 512 positions
+    write(tmp_path, "sst.csv", [SST_HEADER, f"0\ta\t{huge}\t1", "1\tb\t hi\t2"])
+    result, out = run(make_cfg(tmp_path, sst_train="sst.csv", max_length=16, on_bad_rows="error"), tmp_path)
+    ids = read_arrow(out / "sst-train.arrow").column("input_ids").to_pylist()
+    assert ids == [[CLS] + [GOOD] * 14 + [SEP], [CLS, HI, SEP]]
+    assert result["metrics"]["data/sst_train_truncated"] == 1
+    assert result["metrics"]["data/sst_train_rows"] == 2 and result["metrics"]["data/dropped_rows"] == 0
+
+
+def test_test_file_with_a_label_column_names_the_column(tmp_path):
+    write(tmp_path, "sts-test.csv", [PAIR_HEADER["sts"], "0\ta\tgood\tbad\t3"])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'sts-test.csv'}:1: a test file must not have a label column, found 'similarity'")):
+        run(make_cfg(tmp_path, sts_test="sts-test.csv"), tmp_path)
+
+
 def test_quoted_fields_unwrapped_only_when_balanced(tmp_path):
     write(tmp_path, "quora.csv", [
         PAIR_HEADER["para"],
@@ -171,6 +188,8 @@ def test_quoted_fields_unwrapped_only_when_balanced(tmp_path):
 
 BAD_ROWS = [
     ("sst", "0\tx\t good\t5", "sentiment '5' is not an integer 0..4"),
+    ("sst", "0\tx\t good\t7", "sentiment '7' is not an integer 0..4"),
+    ("sst", "0\tx\t good\t-1", "sentiment '-1' is not an integer 0..4"),
     ("sst", "0\tx\t good\t2.5", "sentiment '2.5' is not an integer 0..4"),
     ("sst", "0\tx\t good\tpositive", "sentiment 'positive' is not an integer 0..4"),
     ("sst", "0\tx\t   \t2", "empty sentence"),
@@ -183,6 +202,8 @@ BAD_ROWS = [
     ("sts", "0\tx\tgood\tbad\t5.5", "similarity '5.5' is not in [0, 5]"),
     ("sts", "0\tx\tgood\tbad\t-0.1", "similarity '-0.1' is not in [0, 5]"),
     ("sts", "0\tx\tgood\tbad\tnan", "similarity 'nan' is not in [0, 5]"),
+    ("sts", "0\tx\tgood\tbad\tNaN", "similarity 'NaN' is not in [0, 5]"),
+    ("sts", "0\tx\t   \tbad\t1", "empty sentence1"),  # whitespace only
     ("sts", "0\tx\tgood\tbad\tfive", "similarity 'five' is not a number"),
 ]
 
@@ -257,6 +278,10 @@ def test_structural_problems_always_raise(tmp_path):
                         ":1: missing required label column 'is_duplicate'"),
         "comma.csv": ([",id,sentence,sentiment", "0,a,good,1"], "sst", ":1: expected tab-separated columns"),
         "header-only.csv": ([SST_HEADER], "sst", ": has a header row but no data rows"),
+        "sst-nolabel.csv": (["\tid\tsentence", "0\ta\tgood"], "sst", ":1: missing required label column 'sentiment'"),
+        "sst-nosentence.csv": (["\tid\ttext\tsentiment", "0\ta\tgood\t1"], "sst",
+                               ":1: missing required column 'sentence'"),
+        "semicolon.csv": (["id;sentence;sentiment", "a;good;1"], "sst", ":1: expected tab-separated columns"),
     }
     for name, (lines, task, message) in cases.items():
         write(tmp_path, name, lines)

@@ -1,0 +1,136 @@
+"""`python -m pipeline schedule`: cron parsing by hand-checked dates, install/show/remove on a
+temp crontab file (never the user's), and the installed entry's lock and log, run for real."""
+
+import datetime as dt
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import cli
+from pipeline.schedule import MARKER, next_runs, on_calendar, parse_cron
+from tests.conftest import REPO
+
+
+def test_fields_expand_to_the_values_cron_means():
+    cron = parse_cron("*/15 2,14 1-3 jan,jun mon-fri")
+    assert cron.minutes == [0, 15, 30, 45]
+    assert cron.hours == [2, 14]
+    assert cron.days == [1, 2, 3]
+    assert cron.months == [1, 6]
+    assert cron.weekdays == [1, 2, 3, 4, 5]
+    assert parse_cron("5/20 * * * 7").minutes == [5, 25, 45]  # from 5 to the end, steps of 20
+    assert parse_cron("0 0 * * 7").weekdays == [0]  # 7 is Sunday too
+    assert parse_cron("@daily").minutes == [0] and parse_cron("@daily").hours == [0]
+
+
+def test_next_runs_by_hand():
+    # 2024-01-01 was a Monday. Weekdays at 02:30: Tue 2nd, Wed 3rd, Thu 4th.
+    after = dt.datetime(2024, 1, 1, 3, 0)
+    assert next_runs(parse_cron("30 2 * * 1-5"), after) == [
+        dt.datetime(2024, 1, 2, 2, 30), dt.datetime(2024, 1, 3, 2, 30), dt.datetime(2024, 1, 4, 2, 30)]
+    # Both day fields restricted: cron fires on either (the 1st/15th, or a Sunday: 7th, 14th, 21st).
+    assert next_runs(parse_cron("0 0 1,15 * sun"), dt.datetime(2024, 1, 1, 0, 0), 4) == [
+        dt.datetime(2024, 1, 7), dt.datetime(2024, 1, 14), dt.datetime(2024, 1, 15), dt.datetime(2024, 1, 21)]
+    # Strictly after: a run at exactly `after` is not next. 2024 is a leap year.
+    assert next_runs(parse_cron("0 12 29 2 *"), dt.datetime(2024, 2, 29, 12, 0), 1) == [dt.datetime(2028, 2, 29, 12, 0)]
+
+
+@pytest.mark.parametrize("expression, message", [
+    ("60 * * * *", "minute 60 is out of range 0-59"),
+    ("* * *", "3 fields; cron needs five"),
+    ("0 0 * * fri-mon", "range from 5 down to 1"),
+    ("*/0 * * * *", "step after / must be a positive integer"),
+    ("@reboot", "untimed macro"),
+    ("0 0 * foo *", "month 'foo': not a number or a name"),
+])
+def test_bad_expressions_say_what_is_wrong(expression, message):
+    with pytest.raises(ValueError, match=message):
+        parse_cron(expression)
+
+
+def test_systemd_calendar_matches_cron():
+    assert on_calendar(parse_cron("30 2 * * 1-5")) == ["Mon,Tue,Wed,Thu,Fri *-*-* 2:30:00"]
+    assert on_calendar(parse_cron("0 3 1 * *")) == ["*-*-1 3:0:00"]
+    # cron ORs two restricted day fields; systemd ANDs within one line, so two lines.
+    assert on_calendar(parse_cron("0 0 1,15 * sun")) == ["*-*-1,15 0:0:00", "Sun *-*-* 0:0:00"]
+    if shutil.which("systemd-analyze"):
+        for spec in on_calendar(parse_cron("*/20 2 1,15 6 sun")):
+            assert subprocess.run(["systemd-analyze", "calendar", spec], capture_output=True).returncode == 0, spec
+
+
+@pytest.fixture
+def config(tmp_path):
+    (tmp_path / "exp.yaml").write_text(
+        "tracking:\n  experiment: sched\n"
+        "schedule:\n"
+        "  cron: \"30 2 * * *\"\n"
+        "  commands:\n"
+        "    - run --set train.lrr=1\n"  # fails fast with a config error: the later command must not run
+        "    - leaderboard\n")
+    return tmp_path / "exp.yaml"
+
+
+def test_install_show_remove_touch_only_this_entry(config, tmp_path, capsys):
+    crontab = tmp_path / "crontab"
+    crontab.write_text("MAILTO=me\n0 * * * * echo other job\n")
+    assert cli.main(["schedule", "install", str(config), "--crontab-file", str(crontab)]) == 0
+    assert cli.main(["schedule", "install", str(config), "--crontab-file", str(crontab)]) == 0  # replaces
+    lines = crontab.read_text().splitlines()
+    assert lines[:2] == ["MAILTO=me", "0 * * * * echo other job"] and len(lines) == 4
+    assert lines[2].startswith(f"{MARKER}{config} (")
+    entry = lines[3]
+    assert entry.startswith(f"30 2 * * * cd {tmp_path} && PYTHONPATH={REPO} flock -n -E 75 {tmp_path}/artifacts/schedule.lock ")
+    assert f"-m pipeline schedule run {config} >> {tmp_path}/artifacts/schedule.log 2>&1" in entry
+    capsys.readouterr()
+    assert cli.main(["schedule", "show", str(config), "--crontab-file", str(crontab)]) == 0
+    shown = capsys.readouterr().out
+    assert entry in shown and "next runs: " in shown
+    assert f"command 2: python -m pipeline leaderboard {config}" in shown
+    assert cli.main(["schedule", "remove", str(config), "--crontab-file", str(crontab)]) == 0
+    assert crontab.read_text().splitlines() == ["MAILTO=me", "0 * * * * echo other job"]
+
+
+def test_the_entry_logs_stops_at_a_failure_and_never_overlaps(config, tmp_path):
+    crontab = tmp_path / "crontab"
+    assert cli.main(["schedule", "install", str(config), "--crontab-file", str(crontab)]) == 0
+    command = crontab.read_text().splitlines()[-1].split(" ", 5)[5]  # what cron hands to sh
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    subprocess.run(["sh", "-c", command], env=env, cwd="/", timeout=120, check=True)
+    log = (tmp_path / "artifacts" / "schedule.log").read_text()
+    assert f"running python -m pipeline run {config} --set train.lrr=1" in log
+    assert "unknown key 'train.lrr'" in log  # the command's own output is in the log
+    assert "`run --set train.lrr=1` failed (exit 2)" in log
+    assert "leaderboard" not in log.split("failed (exit 2)")[1]  # the second command never ran
+
+    # While another scheduled run holds the lock, this one does nothing but say so.
+    with open(tmp_path / "artifacts" / "schedule.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        subprocess.run(["sh", "-c", command], env=env, cwd="/", timeout=60, check=True)
+    after = (tmp_path / "artifacts" / "schedule.log").read_text()
+    assert after.startswith(log) and after[len(log):].count("\n") == 1
+    assert "schedule: skipped, the previous scheduled run still holds" in after[len(log):]
+
+
+def test_a_bad_schedule_is_a_config_error_naming_the_line(tmp_path, capsys):
+    (tmp_path / "exp.yaml").write_text("schedule:\n  cron: \"61 2 * * *\"\n  commands: [leaderboard]\n")
+    assert cli.main(["schedule", "install", str(tmp_path / "exp.yaml"), "--crontab-file", str(tmp_path / "c")]) == 2
+    assert f"{tmp_path / 'exp.yaml'}:2: schedule.cron: minute 61 is out of range 0-59" in capsys.readouterr().err
+    (tmp_path / "exp.yaml").write_text("schedule:\n  cron: \"0 2 * * *\"\n  commands: [\"fly away\"]\n")
+    assert cli.main(["schedule", "install", str(tmp_path / "exp.yaml"), "--crontab-file", str(tmp_path / "c")]) == 2
+    assert "must start with a pipeline verb" in capsys.readouterr().err
+    (tmp_path / "exp.yaml").write_text("seed: 1\n")
+    assert cli.main(["schedule", "install", str(tmp_path / "exp.yaml"), "--crontab-file", str(tmp_path / "c")]) == 2
+    assert "schedule.cron is not set" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_systemd_units_are_printed_not_installed(config, capsys):
+    assert cli.main(["schedule", "install", str(config), "--systemd"]) == 0
+    out = capsys.readouterr().out
+    assert "OnCalendar=*-*-* 2:30:00" in out
+    assert f"ExecStart={shutil.which('flock') or '/usr/bin/flock'} -n -E 75 " in out
+    assert f"{sys.executable} -m pipeline schedule run {config}" in out

@@ -1,0 +1,228 @@
+"""`python -m pipeline submit`: the job it builds, and a real `--smoke` run through the Ray Jobs API
+on a local cluster this test starts (on 127.0.0.1, its own temp dir and ports) and stops (only
+its own processes: `ray stop` would stop every Ray on the machine)."""
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import ConfigError
+from pipeline.submit import EXCLUDES, job_spec, parse_args, requirement_lines
+from tests.conftest import REPO
+
+
+# ---------------------------------------------------------------- the job, without a cluster
+
+
+def test_arguments_split_at_the_verb():
+    args, verb = parse_args(["exp.yaml", "--address", "http://h:8265", "tune", "--space", "s.yaml", "--set", "a=b"])
+    assert (args.config, args.address, verb) == ("exp.yaml", "http://h:8265", ["tune", "--space", "s.yaml", "--set", "a=b"])
+    args, verb = parse_args(["--address", "http://h:8265"])
+    assert (args.config, verb) == ("pipeline.yaml", ["run"])  # run by default
+    args, verb = parse_args(["--address", "http://h:8265", "--no-wait", "--", "leaderboard", "--smoke"])
+    assert args.no_wait and verb == ["leaderboard", "--smoke"]
+    with pytest.raises(ConfigError, match="'schedule' is not a verb that can run on a cluster"):
+        parse_args(["--address", "http://h:8265", "--", "schedule", "install"])
+
+
+def test_relative_locations_become_absolute_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "exp.yaml").write_text("data:\n  dir: data\nartifacts: out\n")
+    spec = job_spec(tmp_path / "exp.yaml", ["run", "--smoke", "--set", "train.lr=0.1"])
+    assert shlex.split(spec.entrypoint) == [
+        "python", "-m", "pipeline", "run", str(tmp_path / "exp.yaml"),
+        "--set", f"data.dir={tmp_path / 'data'}", "--set", f"artifacts={tmp_path / 'out'}",
+        "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        "--smoke", "--set", "train.lr=0.1"]  # the verb's own --set last: it wins
+    assert spec.runtime_env["working_dir"] == str(REPO)
+    assert {".venv", "artifacts", "mlruns", ".git"} <= set(spec.runtime_env["excludes"])
+    assert "pip" not in spec.runtime_env
+    assert any("outside the uploaded folder" in n for n in spec.notes)  # read at its absolute path
+
+
+def test_a_config_in_the_checkout_travels_with_it_and_a_server_uri_is_passed_on(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    spec = job_spec(REPO / "pipeline.yaml", ["leaderboard"], requirements=True, entrypoint_num_gpus=1)
+    words = shlex.split(spec.entrypoint)
+    assert words[:5] == ["python", "-m", "pipeline", "leaderboard", "pipeline.yaml"]
+    assert f"data.dir={(REPO / '../shared/data/cs224n').resolve()}" in words
+    assert not any(w.startswith("tracking.uri=") for w in words)  # the server, via the environment
+    assert spec.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert spec.runtime_env["pip"]["packages"] == requirement_lines(REPO / "requirements.txt")
+    assert "mlflow==3.17.2" in spec.runtime_env["pip"]["packages"]
+    assert not any("#" in p for p in spec.runtime_env["pip"]["packages"])
+    assert spec.entrypoint_num_gpus == 1 and spec.notes == []
+    assert EXCLUDES[0] == ".venv"
+
+
+# ---------------------------------------------------------------- a real local cluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """`ray start --head --block` on loopback in its own session; `stop` ends only its processes."""
+
+    def __init__(self, num_cpus: int = 2):
+        self.temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Unix socket paths are limited
+        self.dashboard_port = free_port()
+        ports = {"port": free_port(), "dashboard-port": self.dashboard_port, "ray-client-server-port": free_port(),
+                 "node-manager-port": free_port(), "object-manager-port": free_port(),
+                 "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
+                 "metrics-export-port": free_port(), "runtime-env-agent-port": free_port()}
+        self.env = cluster_env()
+        command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                   "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={self.temp_dir}",
+                   f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true",
+                   *[f"--{k}={v}" for k, v in ports.items()]]
+        self.log = open(Path(self.temp_dir) / "ray-start.log", "w")
+        self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_until_up(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(Path(self.temp_dir) / 'ray-start.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"the local Ray's dashboard did not answer at {self.address} in {timeout} s")
+
+    def stop(self) -> None:
+        """SIGTERM to our `ray start` (it stops its node), then SIGKILL to what is left of our
+        process group, then to any process of our session found by its temp dir (job drivers
+        run in sessions of their own)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        for pid in self._our_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _our_pids(self) -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                continue
+            if self.temp_dir in cmdline or cwd.startswith(self.temp_dir):
+                pids.append(int(proc.name))
+        return pids
+
+
+def cluster_env() -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # the same on the cluster and the client
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python`
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTHONPATH"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    local = LocalCluster(num_cpus=2)
+    try:
+        local.wait_until_up()
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, shared_data_dir):
+    """A config outside the checkout with relative paths: submit must make them absolute."""
+    work = tmp_path_factory.mktemp("cluster-work")
+    (work / "exp.yaml").write_text(
+        f"data:\n  dir: {os.path.relpath(shared_data_dir, work)}\n  on_bad_rows: drop\n"
+        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
+        "tracking:\n  experiment: cluster\n")
+    return work
+
+
+@pytest.fixture(scope="module")
+def submitted(cluster, work):
+    env = {**cluster_env(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "exp.yaml", "--address", cluster.address,
+                           "run", "--smoke"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-4000:], proc.stderr[-3000:])
+    return proc
+
+
+def test_smoke_run_through_the_jobs_api_succeeds_and_logs_to_mlflow(cluster, work, submitted):
+    from ray.job_submission import JobSubmissionClient
+
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = next(w for w in submitted.stdout.split() if w.startswith("raysubmit_"))
+    client = JobSubmissionClient(cluster.address)
+    info = client.get_job_info(job_id)
+    assert info.status.value == "SUCCEEDED"
+    assert f"--set artifacts={work / 'artifacts'}" in info.entrypoint
+    assert "dev/overall" in submitted.stdout  # the job's own summary, followed from its logs
+
+    mlflow = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")  # the submitting side's store
+    experiment = mlflow.get_experiment_by_name("cluster")
+    runs = mlflow.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("stage") == "pipeline")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and parent.data.tags["smoke"] == "True"
+    assert sorted(r.data.tags["stage"] for r in children) == ["data_prep", "evaluate", "finetune"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert 0 <= parent.data.metrics["dev/overall"] <= 1
+    # The outputs are on the submitting side's disk, not in the job's temporary working_dir.
+    assert len(list((work / "artifacts" / "evaluate").glob("*/submission.zip"))) == 1
+
+
+def test_leaderboard_smoke_submits_the_clusters_smoke_model(work, submitted):
+    assert submitted.returncode == 0
+    env = {**cluster_env(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "leaderboard", "exp.yaml", "--smoke"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submission valid" in proc.stdout and "best finished run" in proc.stdout
+    mlflow = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("cluster")
+    boards = mlflow.search_runs([experiment.experiment_id], filter_string="tags.leaderboard = 'true'")
+    assert len(boards) == 1 and boards[0].info.status == "FINISHED"
+    pipeline_run = next(r for r in mlflow.search_runs([experiment.experiment_id]) if r.data.tags.get("stage") == "pipeline")
+    assert boards[0].data.tags["model_run_id"] == pipeline_run.info.run_id
+    # Same model, same data: the same dev scores as the run that trained it.
+    assert boards[0].data.metrics["dev/overall"] == pytest.approx(pipeline_run.data.metrics["dev/overall"], abs=1e-6)
+    assert "submission.zip" in [a.path for a in mlflow.list_artifacts(boards[0].info.run_id)]
