@@ -7,6 +7,7 @@ an out-of-range value is a ConfigError naming the file, the line and the dotted 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -279,7 +280,7 @@ def apply_overrides(cfg: PipelineConfig, overrides: list[str] | dict[str, Any]) 
         types_ = field_types(type(node)) if dataclasses.is_dataclass(node) else {}
         if leaf not in types_:
             raise ConfigError(f"{where} {key}: unknown key '{key}'" + did_you_mean(leaf, types_))
-        setattr(node, leaf, check_value(types_[leaf], value, key, where))
+        setattr(node, leaf, check_value(types_[leaf], value, key, where, current=getattr(node, leaf)))
     validate(cfg, where="after overrides" if overrides else "config")
     return cfg
 
@@ -406,8 +407,11 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _build(cls: type, raw: Any, prefix: str, where) -> Any:
-    """Turn a mapping into dataclass `cls`, rejecting unknown keys and wrong types."""
+def _build(cls: type, raw: Any, prefix: str, where, default: Any = None) -> Any:
+    """Turn a mapping into dataclass `cls`, rejecting unknown keys and wrong types.
+
+    Keys the mapping leaves out keep `default`'s values: the parent field's own default, so
+    `mlm_pretrain: {num_cpus: 1}` stays disabled like the section it partly overrides."""
     label = prefix.rstrip(".") or "top level"
     if raw is None:
         raw = {}
@@ -417,20 +421,21 @@ def _build(cls: type, raw: Any, prefix: str, where) -> Any:
     for key in raw:
         if key not in types_:
             raise ConfigError(f"{where(prefix + str(key))}: unknown key '{prefix}{key}'" + did_you_mean(str(key), types_))
-    kwargs = {}
+    obj = copy.deepcopy(default) if default is not None else cls()
     for name, tp in types_.items():
         if name not in raw:
             continue
         key = prefix + name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], key + ".", where)
+            setattr(obj, name, _build(tp, raw[name], key + ".", where, default=getattr(obj, name)))
         else:
-            kwargs[name] = check_value(tp, raw[name], key, where(key))
-    return cls(**kwargs)
+            setattr(obj, name, check_value(tp, raw[name], key, where(key)))
+    return obj
 
 
-def check_value(tp: Any, value: Any, key: str, where: str) -> Any:
-    """Check (and gently coerce) one leaf value against its annotation."""
+def check_value(tp: Any, value: Any, key: str, where: str, current: Any = None) -> Any:
+    """Check (and gently coerce) one leaf value against its annotation; a mapping given for a
+    section is merged into `current`, the section's present value."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -445,7 +450,7 @@ def check_value(tp: Any, value: Any, key: str, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
-        return _build(tp, value, key + ".", lambda _k: where)
+        return _build(tp, value, key + ".", lambda _k: where, default=current)
     if tp is bool:
         if isinstance(value, bool):
             return value

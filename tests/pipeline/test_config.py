@@ -157,3 +157,12 @@ def test_an_override_can_fix_a_bad_file_value(tmp_path):
     assert load_config(path, ["train.batch_size=8"]).train.batch_size == 8
     with pytest.raises(ConfigError, match=r"after overrides: train\.batch_size must be > 0, got 0"):
         load_config(path, ["train.lr=1e-4"])
+
+
+def test_a_partly_given_section_keeps_its_parents_defaults(tmp_path):
+    # mlm_pretrain is disabled by default; setting only its CPUs must not switch it on.
+    cfg = load_config(write(tmp_path, "stages:\n  mlm_pretrain: {num_cpus: 1}\n"))
+    assert cfg.stages.mlm_pretrain.enabled is False and cfg.stages.mlm_pretrain.num_cpus == 1
+    cfg = apply_overrides(PipelineConfig(), ["stages.mlm_pretrain={num_cpus: 1}", "train.smart={enabled: true}"])
+    assert cfg.stages.mlm_pretrain.enabled is False and cfg.train.smart.enabled is True
+    assert cfg.train.smart.weight == PipelineConfig().train.smart.weight
