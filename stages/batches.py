@@ -8,6 +8,7 @@ so that padding stays small while training order stays random.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 @dataclass
 class Split:
-    ids: list[str]
+    ids: Sequence[str]  # a numpy str array from load_split (no per-row Python objects); a list also works
     # column name -> (flat int32 token values, int64 offsets of len rows + 1): row i is
     # values[offsets[i]:offsets[i + 1]].
     columns: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -63,7 +64,9 @@ def load_split(path: str | Path) -> Split:
         labels = table.column("label").to_numpy()
         if labels.dtype not in (np.int64, np.float32):
             raise ValueError(f"{path}: column 'label' is {labels.dtype}, expected int64 or float32")
-    return Split(ids=table.column("id").to_pylist(), columns=columns, labels=labels, name=str(path))
+    # ids as one fixed-width numpy string array, not a list of Python str objects (Quora has ~16k)
+    ids = table.column("id").to_numpy(zero_copy_only=False).astype(str)
+    return Split(ids=ids, columns=columns, labels=labels, name=str(path))
 
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None,

@@ -179,12 +179,20 @@ class MultitaskModel(nn.Module):
         return self.dropout(self.sentence_vectors(input_ids, attention_mask, task, token_type_ids))
 
     def pair_embeddings(self, task: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, v): the pooled vectors of each pair's two sentences, [B, H] each, no dropout."""
+        """(u, v): the pooled vectors of each pair's two sentences, [B, H] each, no dropout.
+
+        Both sentences of every pair go through the encoder in one call: the two [B, T1] and
+        [B, T2] batches are stacked into one [2B, max(T1, T2)] batch (the extra positions are
+        padding, masked out), which gives the same vectors as two calls up to float rounding and
+        runs bigger, faster matrix products (bench/README.md, "levers").
+        """
         if self.pair_encoding == "concat":
             raise ValueError("pair_embeddings: pair_encoding concat has no separate sentence embeddings")
-        u = self.sentence_vectors(batch["input_ids_1"], batch["attention_mask_1"], task)
-        v = self.sentence_vectors(batch["input_ids_2"], batch["attention_mask_2"], task)
-        return u, v
+        ids, mask = stack_padded([batch["input_ids_1"], batch["input_ids_2"]],
+                                 [batch["attention_mask_1"], batch["attention_mask_2"]])
+        vectors = self.sentence_vectors(ids, mask, task)
+        n = batch["input_ids_1"].shape[0]
+        return vectors[:n], vectors[n:]
 
     def forward(self, task: str, batch: dict) -> torch.Tensor:
         """sst: logits [B, 5]. para: logit [B], or cos(u, v) [B]; > 0 means paraphrase either way.
@@ -203,8 +211,7 @@ class MultitaskModel(nn.Module):
             u, v = self.pair_embeddings(task, batch)
             cos = F.cosine_similarity(u.float(), v.float(), dim=-1)
             return cos if task == "para" else STS_MAX * cos
-        u = self.embed(batch["input_ids_1"], batch["attention_mask_1"], task)
-        v = self.embed(batch["input_ids_2"], batch["attention_mask_2"], task)
+        u, v = (self.dropout(x) for x in self.pair_embeddings(task, batch))  # embed() of each sentence
         return self.heads[task](pair_features(u, v, self.pair_head)).squeeze(-1)
 
     def loss(self, task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -235,6 +242,14 @@ def build_model(cfg, encoder_dir) -> MultitaskModel:
                           sts_head=m.sts_head, pair_loss=cfg.loss.pair_loss, head_layers=m.head_layers,
                           shared_encoder=m.shared_encoder, freeze_encoder=m.freeze_encoder,
                           pals_size=m.pals.size if m.pals.enabled else 0, pals_heads=m.pals.heads)
+
+
+def stack_padded(input_ids: list, attention_masks: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batches [B_i, T_i] stacked into one [sum B_i, max T_i] batch, right-padded with id 0 and mask 0."""
+    width = max(t.shape[1] for t in input_ids)
+    ids = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in input_ids])
+    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in attention_masks])
+    return ids, mask
 
 
 def pair_features(u: torch.Tensor, v: torch.Tensor, pair_head: str = "linear") -> torch.Tensor:

@@ -118,7 +118,7 @@ def test_load_split_reads_arrow_columns(tmp_path):
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     split = load_split(path)
-    assert split.ids == ["a", "b"] and len(split) == 2
+    assert list(split.ids) == ["a", "b"] and len(split) == 2
     values, offsets = split.columns["input_ids_2"]
     assert values.dtype == np.int32 and offsets.dtype == np.int64
     assert values.tolist() == [101, 6, 7, 102, 101, 8, 102] and offsets.tolist() == [0, 4, 7]
@@ -146,9 +146,30 @@ def test_load_split_round_trip_from_data_prep(tmp_path):
     data_prep.run(cfg, {}, out, lambda metrics, step=None: None)
 
     split = load_split(out / "sst-train.arrow")
-    assert split.ids == ["a", "b", "c"]
+    assert list(split.ids) == ["a", "b", "c"]
     assert split.labels.dtype == np.int64 and split.labels.tolist() == [3, 1, 0]
     assert split.lengths("input_ids").tolist() == [4, 3, 5]
     ids, mask = pad_batch(split, "input_ids", np.array([1, 0]))
     assert ids.tolist() == [[101, 7632, 102, 0], [101, 7592, 2088, 102]]
     assert labels_tensor(split, np.array([1, 0])).tolist() == [1, 3]
+
+
+def test_a_loaded_split_holds_numpy_arrays_not_python_objects(tmp_path):
+    """finetune and evaluate keep a split (Quora's ~16k pairs included) as flat numpy arrays:
+    token values are a zero-copy view of the memory-mapped Arrow file, ids one fixed-width
+    string array, labels a numeric array; no per-row Python objects."""
+    table = pa.table({"id": pa.array(["q1", "q22", "q333"]),
+                      "input_ids_1": pa.array([[101, 5, 102], [101, 102], [101, 7, 8, 102]], pa.list_(pa.int32())),
+                      "input_ids_2": pa.array([[101, 6, 102], [101, 9, 102], [101, 102]], pa.list_(pa.int32())),
+                      "label": pa.array([1.0, 0.0, 1.0], pa.float32())})
+    path = tmp_path / "para-train.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    split = load_split(path)
+    for values, offsets in split.columns.values():
+        assert isinstance(values, np.ndarray) and values.dtype == np.int32
+        assert not values.flags.owndata  # a view of the Arrow buffer, not a copy
+        assert isinstance(offsets, np.ndarray) and offsets.dtype == np.int64
+    assert isinstance(split.ids, np.ndarray) and split.ids.dtype.kind == "U"
+    assert isinstance(split.labels, np.ndarray) and split.labels.dtype == np.float32
+    assert list(split.ids) == ["q1", "q22", "q333"]

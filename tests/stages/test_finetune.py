@@ -268,3 +268,27 @@ def test_sts_trains_with_mnr_on_similar_pairs_first_then_the_cosine_loss(batch_s
     assert any(rows for _, rows in first) and "train/loss_sts_mnr" in logged[0][1], first
     if batch_size == 4:
         assert any(positives < 2 for positives, _ in first), first
+
+
+def test_fused_adamw_on_cpu_gives_the_default_update(tiny_model_dir):
+    """finetune uses AdamW's fused kernel on CPU too (a speed lever, bench/README.md): over a few
+    steps with finetune's parameter groups (weight decay on matrices only, layer-wise LR decay),
+    it moves every parameter as the default implementation does, up to float rounding."""
+    from stages.encoder import load_bert
+    from stages.finetune import _fused_adamw
+    from stages.multitask_model import MultitaskModel
+
+    assert _fused_adamw(torch.device("cpu"))
+    torch.manual_seed(0)
+    models = [MultitaskModel(load_bert(tiny_model_dir), pooling="cls") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.AdamW(_param_groups(m, 1e-3, 0.01, 0.8), lr=1e-3, fused=fused)
+                  for m, fused in zip(models, (False, True))]
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

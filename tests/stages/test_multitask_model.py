@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import PipelineConfig, apply_overrides
 from stages.batches import load_split
@@ -349,7 +350,39 @@ def test_a_word_embedding_hook_sees_every_encoder_call(tiny_model_dir, shared):
         model("sts", PAIR)
     for h in handles:
         h.remove()
-    assert calls == ([0] * 5 if shared else [0, 1, 1, 2, 2])
+    # A pair's two sentences go through the encoder in one call (pair_embeddings stacks them).
+    assert calls == ([0] * 3 if shared else [0, 1, 2])
+
+
+@pytest.mark.parametrize("switches", [{}, {"pair_head": "sbert"}, {"sts_head": "cosine"}, {"pooling": "cls"},
+                                      {"shared_encoder": False, "pals_size": 4, "pals_heads": 2}])
+def test_one_encoder_call_for_both_sentences_gives_the_outputs_of_two(tiny_model_dir, switches):
+    """The stacked [2B, max(T1, T2)] call of pair_embeddings against encoding u and v separately,
+    each padded only to its own longest; outputs and gradients agree up to float rounding."""
+    model = _switched(tiny_model_dir, **switches).eval()
+    batch = {"input_ids_1": torch.tensor([[101, 2023, 2003, 102, 0], [101, 7592, 2088, 2015, 102]]),
+             "attention_mask_1": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+             "input_ids_2": torch.tensor([[101, 2009, 102], [101, 2748, 102]]),
+             "attention_mask_2": torch.tensor([[1, 1, 1], [1, 1, 1]])}
+    for task in ("para", "sts"):
+        u, v = model.pair_embeddings(task, batch)
+        u2 = model.sentence_vectors(batch["input_ids_1"], batch["attention_mask_1"], task)
+        v2 = model.sentence_vectors(batch["input_ids_2"], batch["attention_mask_2"], task)
+        torch.testing.assert_close(u, u2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
+        out = model(task, batch)
+        if model.cosine_output(task):
+            ref = F.cosine_similarity(u2, v2, dim=-1) * (1.0 if task == "para" else 5.0)
+        else:
+            ref = model.heads[task](pair_features(u2, v2, model.pair_head)).squeeze(-1)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        model.zero_grad()
+        out.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        ref.sum().backward()
+        for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None]):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
 VARIANTS = {
