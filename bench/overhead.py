@@ -9,14 +9,14 @@ for the subprocess and all its descendants (Ray's workers included).
 from __future__ import annotations
 
 import json
+import os
 import re
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import REPO, Context, clean_env, run_measured
+from bench.common import REPO, Context, _status_kib, clean_env, run_measured
 
 # The full default run (python -m pipeline run pipeline.yaml, all data, 2 epochs, MiniLM), as
 # measured on this machine before this suite existed: 29 min 3 s wall; finetune 1664 s,
@@ -162,11 +162,13 @@ def probe_step(batch: int, length: int, threads: int) -> None:
     mask = torch.ones_like(ids)
     batch_dict = {"input_ids_1": ids, "attention_mask_1": mask, "input_ids_2": ids.flip(0),
                   "attention_mask_2": mask, "labels": torch.randint(0, 2, (batch,)).float()}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak at fork through exec into
+    # ru_maxrss, so a probe started by a big suite process would report the suite's size.
+    before = _status_kib(os.getpid(), "VmHWM") / 1024
     loss = model.loss("para", model("para", batch_dict), batch_dict["labels"])
     loss.backward()
     optimizer.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_kib(os.getpid(), "VmHWM") / 1024
     print(json.dumps({"batch": batch, "length": length, "before_mib": before, "peak_mib": peak}))
 
 

@@ -146,7 +146,8 @@ def results_markdown(command, started, load_before, load_after, total, report: R
         + (f" -- {busy}" if (busy := common.busy_warning(args.threads, load_before)) else ""),
         "",
         "Every ratio is against a baseline measured in this same run (see bench/README.md); absolute",
-        "values depend on the machine and its load, ratios much less so.",
+        "values depend on the machine and its load, ratios much less so. What each row measures, the",
+        "levers tried (with their measured effect) and what limits the targets: bench/README.md.",
         "",
         report.table(),
     ]
