@@ -2,6 +2,8 @@
 
     python -m pipeline run [CONFIG] [--set KEY=VALUE ...] [--force STAGE|all] [--smoke] [--variant GRID:NAME]
     python -m pipeline tune [CONFIG] --space search_spaces/NAME.yaml [--trials N] [--smoke] [--resume]
+    python -m pipeline ablate [CONFIG] --grid search_spaces/ablations/NAME.yaml [--seeds N] [--smoke] [--only A,B]
+    python -m pipeline report RUN_ID [CONFIG] [--out DIR]
     python -m pipeline submit [CONFIG] --address http://HEAD:8265 [VERB ARGS...]
     python -m pipeline leaderboard [CONFIG] [--model MODEL_URI] [--smoke]
     python -m pipeline schedule install|show|remove [CONFIG] [--crontab-file FILE] [--systemd]
@@ -64,6 +66,28 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--include-config", action="store_true",
                       help="make the first trial the config's own values (Optuna points_to_evaluate)")
 
+    ablate = verbs.add_parser("ablate", help="run a grid's variants side by side (shared upstream stages run once) "
+                                             "and log a comparison table and plots on one MLflow parent run")
+    ablate.add_argument("config", nargs="?", default="pipeline.yaml", help="experiment YAML (default: pipeline.yaml)")
+    ablate.add_argument("--grid", required=True, metavar="FILE",
+                        help="ablation grid YAML, e.g. search_spaces/ablations/sampling.yaml")
+    ablate.add_argument("--seeds", type=int, default=1,
+                        help="runs per variant, with seeds SEED, SEED+1, ... (default: 1); the table gives mean and std")
+    ablate.add_argument("--only", metavar="A,B", help="run only these variants of the grid (comma-separated)")
+    ablate.add_argument("--smoke", action="store_true", help="every variant on the smoke setting: tiny BERT, ~64 rows")
+    ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key for every variant (repeatable; wins over the grid)")
+    ablate.add_argument("--force", action="append", default=[], metavar="STAGE|all",
+                        help="re-run this stage (and what follows it) in every variant even if cached")
+    ablate.add_argument("--name", help="the ablation's MLflow run name (default: the grid's file name)")
+
+    report = verbs.add_parser("report", help="print the comparison table of a finished ablation or search")
+    report.add_argument("run_id", metavar="RUN_ID", help="the ablation's or search's MLflow parent run id")
+    report.add_argument("config", nargs="?", default="pipeline.yaml",
+                        help="experiment YAML whose tracking store to read (default: pipeline.yaml)")
+    report.add_argument("--tracking-uri", help="read this MLflow store instead (default: as `run` would log)")
+    report.add_argument("--out", metavar="DIR", help="also write comparison.csv/.md and the PNG plots here")
+
     verbs.add_parser("submit", add_help=False,
                      help="run a verb on a Ray cluster as a Ray job: submit [CONFIG] --address URL [VERB ARGS] "
                           "(see python -m pipeline submit --help)")
@@ -106,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.tune import cmd_tune  # imports Ray Tune: only for this verb
 
             return cmd_tune(args)
+        if args.verb == "ablate":
+            from pipeline.ablate import cmd_ablate
+
+            return cmd_ablate(args)
+        if args.verb == "report":
+            from pipeline.report import cmd_report
+
+            return cmd_report(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -123,17 +155,10 @@ def _config_errors(command, *args) -> int:
 def cmd_run(args) -> int:
     config_path = Path(args.config).resolve()
     cfg = load_config(config_path)
-    ablation = "none"
-    if args.variant:  # the variant first, so --set still has the last word
-        ablation, variant = variant_overrides(args.variant, cfg)
-        cfg = apply_overrides(cfg, variant)
-    cfg = apply_overrides(cfg, args.overrides)
+    ablation, variant = variant_overrides(args.variant, cfg) if args.variant else ("none", {})
     config_dir = config_path.parent
-    store_location = artifacts_location(cfg, config_dir)
-    if args.smoke:
-        cfg = smoke_config(cfg, store_location)
-        cfg = apply_overrides(cfg, args.overrides)  # --set has the last word over the smoke settings too
-    cfg = resolve_paths(cfg, config_dir)
+    store_location = artifacts_location(apply_overrides(apply_overrides(cfg, variant), args.overrides), config_dir)
+    cfg = prepare_config(cfg, variant, args.overrides, args.smoke, store_location, config_dir)
     store = ArtifactStore(store_location)
     try:
         planned = dag.plan(cfg, store, args.force)
@@ -145,17 +170,9 @@ def cmd_run(args) -> int:
     for p in planned:
         print(f"  {p.stage.name:<13} {'cached, skipped' if p.cached else 'to run'}  key {p.key}")
 
-    uri = tracking.tracking_uri(cfg.tracking.uri, config_dir)
-    unreachable = tracking.check_reachable(uri)
-    if unreachable and cfg.tracking.on_unreachable == "error":
-        print(f"error: MLflow tracking server at {uri} is unreachable: {unreachable}; nothing was run. "
-              f"Start it, point MLFLOW_TRACKING_URI / tracking.uri elsewhere, or set "
-              f"tracking.on_unreachable: local to log to a local store and continue", file=sys.stderr)
+    uri = reachable_tracking_uri(cfg, config_dir)
+    if uri is None:
         return 3
-    if unreachable:
-        uri = tracking.local_uri(config_dir)
-        print(f"warning: MLflow tracking server unreachable ({unreachable}); tracking.on_unreachable: local, "
-              f"so this run logs to {uri}", file=sys.stderr)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     commit = tracking.git_commit(REPO)
     params = flatten(cfg)
@@ -216,12 +233,39 @@ def cmd_run(args) -> int:
     return 0
 
 
+def reachable_tracking_uri(cfg: PipelineConfig, config_dir: Path) -> str | None:
+    """The MLflow store to log to; None (after saying why) when its server is down and
+    tracking.on_unreachable is `error`: checked before anything runs."""
+    uri = tracking.tracking_uri(cfg.tracking.uri, config_dir)
+    unreachable = tracking.check_reachable(uri)
+    if unreachable and cfg.tracking.on_unreachable == "error":
+        print(f"error: MLflow tracking server at {uri} is unreachable: {unreachable}; nothing was run. "
+              f"Start it, point MLFLOW_TRACKING_URI / tracking.uri elsewhere, or set "
+              f"tracking.on_unreachable: local to log to a local store and continue", file=sys.stderr)
+        return None
+    if unreachable:
+        uri = tracking.local_uri(config_dir)
+        print(f"warning: MLflow tracking server unreachable ({unreachable}); tracking.on_unreachable: local, "
+              f"so this run logs to {uri}", file=sys.stderr)
+    return uri
+
+
 # ---------------------------------------------------------------- config preparation
 
 
 def artifacts_location(cfg: PipelineConfig, config_dir: Path) -> str:
     """The artifact store: a pyarrow.fs URI as given, or a folder relative to the config."""
     return cfg.artifacts if "://" in cfg.artifacts else str(resolve_path(config_dir, cfg.artifacts))
+
+
+def prepare_config(cfg: PipelineConfig, variant: dict, overrides: list[str], smoke: bool, store_location: str,
+                   config_dir: Path) -> PipelineConfig:
+    """The config a run uses: an ablation variant's overrides first, then --set (which has the
+    last word, over the smoke settings too), then absolute paths."""
+    cfg = apply_overrides(apply_overrides(cfg, variant), overrides)
+    if smoke:
+        cfg = apply_overrides(smoke_config(cfg, store_location), overrides)
+    return resolve_paths(cfg, config_dir)
 
 
 def smoke_config(cfg: PipelineConfig, store_location: str) -> PipelineConfig:

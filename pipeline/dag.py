@@ -176,13 +176,36 @@ class RunContext:
 
 def execute(planned: list[PlannedStage], ctx: RunContext, stage_runs: dict[str, str],
             ray_address: str | None, ray_num_cpus: int | None) -> dict[str, dict]:
-    """Run the stages that are not cached as Ray tasks; return every stage's result."""
-    store = ArtifactStore(ctx.store_location)
-    results = {p.stage.name: store.read_result(p.stage.name, p.key) for p in planned if p.cached}
-    todo = [p for p in planned if not p.cached]
+    """Run the stages that are not cached as Ray tasks; return every stage's result, or raise
+    StageFailed for the first stage that failed."""
+    outcome = execute_many([(planned, ctx, stage_runs)], ray_address, ray_num_cpus)[0]
+    if isinstance(outcome, StageFailed):
+        raise outcome
+    return outcome
+
+
+def execute_many(runs: list[tuple[list[PlannedStage], RunContext, dict[str, str]]],
+                 ray_address: str | None, ray_num_cpus: int | None) -> list[dict | StageFailed]:
+    """Several planned DAGs (an ablation's variants) side by side on one Ray.
+
+    A stage with the same key in several plans (a shared data_prep) is one Ray task whose
+    result they all receive; Ray runs the rest as resources allow. Each plan gets its stages'
+    results, or the StageFailed of its first failed stage: one variant failing does not stop
+    the others. The first plan that holds a stage names the MLflow run it logs to.
+    """
+    outcomes: list[dict | StageFailed] = []
+    todo: dict[tuple[str, str], tuple[PlannedStage, RunContext, str, dict[str, str]]] = {}
+    for planned, ctx, stage_runs in runs:
+        store = ArtifactStore(ctx.store_location)
+        outcomes.append({p.stage.name: store.read_result(p.stage.name, p.key) for p in planned if p.cached})
+        keys = {p.stage.name: p.key for p in planned}
+        for p in planned:
+            if not p.cached:
+                todo.setdefault((p.stage.name, p.key), (p, ctx, stage_runs[p.stage.name],
+                                                        {n: keys[n] for n in p.inputs}))
     if not todo:
         print("all stages cached; Ray not started")
-        return results
+        return outcomes
 
     import ray  # only when something has to run: a fully cached re-run never starts Ray
 
@@ -193,29 +216,45 @@ def execute(planned: list[PlannedStage], ctx: RunContext, stage_runs: dict[str, 
         env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}} if local else None
         ray.init(address=ray_address, num_cpus=ray_num_cpus if local else None, include_dashboard=False,
                  logging_level="WARNING", log_to_driver=True, runtime_env=env)
-    _check_resources(ray, todo, ctx.cfg, local=ray_address is None)
+    _check_resources(ray, [(p, ctx.cfg) for p, ctx, _, _ in todo.values()], local=ray_address is None)
 
     remote = ray.remote(_run_stage)
-    refs: dict[str, object] = {}
-    for p in todo:
-        opts = getattr(ctx.cfg.stages, p.stage.name)
-        upstream = [refs[n] for n in p.inputs if n in refs]  # Ray waits for these first
-        refs[p.stage.name] = remote.options(
-            name=p.stage.name, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus,
-            max_retries=opts.max_retries,
-        ).remote(p.stage.name, p.key, {n: _key_of(planned, n) for n in p.inputs}, ctx,
-                 stage_runs[p.stage.name], p.forced, *upstream)
-    for p in todo:
-        retries = getattr(ctx.cfg.stages, p.stage.name).max_retries
-        try:
-            results[p.stage.name] = ray.get(refs[p.stage.name])
-        except ray.exceptions.RayTaskError as e:
-            raise StageFailed(f"stage {p.stage.name} failed:\n{_cause(e)}", p.stage.name, results) from None
-        except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) on every attempt
-            raise StageFailed(f"stage {p.stage.name} failed: its Ray worker died on each of "
-                              f"{retries + 1} attempt(s) (stages.{p.stage.name}.max_retries = {retries}): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", p.stage.name, results) from None
-    return results
+    refs: dict[tuple[str, str], object] = {}
+    for (name, key), (p, ctx, run_id, input_keys) in todo.items():  # upstream first: plans are in DAG order
+        opts = getattr(ctx.cfg.stages, name)
+        upstream = [refs[(n, k)] for n, k in input_keys.items() if (n, k) in refs]  # Ray waits for these first
+        refs[(name, key)] = remote.options(
+            name=name, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, max_retries=opts.max_retries,
+        ).remote(name, key, input_keys, ctx, run_id, p.forced, *upstream)
+
+    for i, (planned, ctx, _) in enumerate(runs):
+        results = outcomes[i]
+        for p in planned:
+            if p.cached:
+                continue
+            if isinstance(outcomes[i], StageFailed):  # downstream of the failed stage: failed with it
+                _wait_quietly(ray, refs[(p.stage.name, p.key)])
+                continue
+            retries = getattr(ctx.cfg.stages, p.stage.name).max_retries
+            try:
+                results[p.stage.name] = ray.get(refs[(p.stage.name, p.key)])
+            except ray.exceptions.RayTaskError as e:
+                outcomes[i] = StageFailed(f"stage {p.stage.name} failed:\n{_cause(e)}", p.stage.name, results)
+            except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) on every attempt
+                outcomes[i] = StageFailed(
+                    f"stage {p.stage.name} failed: its Ray worker died on each of {retries + 1} attempt(s) "
+                    f"(stages.{p.stage.name}.max_retries = {retries}): "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", p.stage.name, results)
+    return outcomes
+
+
+def _wait_quietly(ray, ref) -> None:
+    """Collect a task that fails because its upstream did: an error nobody gets is printed by
+    Ray as 'Unhandled error' when the reference goes away."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError:
+        pass
 
 
 def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, run_id: str,
@@ -248,6 +287,7 @@ def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext,
             print(f"{name}: resuming from the checkpoint in {scratch / CHECKPOINT_DIR}")
             tracking.set_tags(ctx.tracking_uri, run_id, {"resumed_from_checkpoint": True})
         log = tracking.StageLogger(ctx.tracking_uri, run_id)
+        _reset_peak_memory()
         start = time.time()
         try:
             result = importlib.import_module(stage.module).run(ctx.cfg, inputs, scratch, log)
@@ -258,7 +298,7 @@ def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext,
             raise
         result = _relative_paths(dict(result or {}), scratch)
         result["seconds"] = round(time.time() - start, 2)
-        result.setdefault("metrics", {})
+        result.setdefault("metrics", {}).update(_peak_memory())
         store.publish(name, key, scratch, result, replace=forced)
         return result
     finally:
@@ -271,6 +311,37 @@ def _use_reserved_cpus(num_cpus: float) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def _reset_peak_memory() -> None:
+    """Start this stage's peak-memory count afresh: a reused Ray worker remembers the peak of
+    the task before (Linux: writing 5 to clear_refs resets VmHWM; CUDA: torch's own counter)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: ru_maxrss below is the process's lifetime peak, an upper bound
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> dict[str, float]:
+    """Peak resident memory of this stage's process since _reset_peak_memory, in MiB (and the
+    peak CUDA memory torch allocated, when on a GPU)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak_mb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"stage/peak_rss_mb": round(peak_mb, 1)}
+    import torch
+
+    if torch.cuda.is_available():
+        out["stage/peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def _relative_paths(result: dict, root: Path) -> dict:
@@ -289,12 +360,12 @@ def _key_of(planned: list[PlannedStage], name: str) -> str:
     return next(p.key for p in planned if p.stage.name == name)
 
 
-def _check_resources(ray, todo: list[PlannedStage], cfg: PipelineConfig, local: bool) -> None:
+def _check_resources(ray, todo: list[tuple[PlannedStage, PipelineConfig]], local: bool) -> None:
     """A local Ray never grows: a stage asking for more than it has would wait forever."""
     if not local:
         return
     have = ray.cluster_resources()
-    for p in todo:
+    for p, cfg in todo:
         opts = getattr(cfg.stages, p.stage.name)
         for resource, want in (("CPU", opts.num_cpus), ("GPU", opts.num_gpus)):
             if want > have.get(resource, 0):

@@ -31,6 +31,7 @@ from pipeline.config import ConfigError, apply_overrides, load_config, resolve_p
 
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_VERBS = ("run", "tune", "ablate", "leaderboard")
+FILE_OPTIONS = ("--space", "--grid")  # verb options naming a file the job must find in its working_dir
 # Never uploaded with the working_dir: the local environment, outputs, the MLflow store, git.
 EXCLUDES = [".venv", "artifacts", "mlruns", "mlartifacts", ".git", ".pytest_cache", "**/__pycache__", "*.pyc"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -136,11 +137,27 @@ def job_spec(config: Path, verb_args: list[str], requirements: bool = False,
     command = ["python", "-m", "pipeline", verb, config_arg]
     for item in overrides:
         command += ["--set", item]
+    rest = [*rest]
+    for i, word in enumerate(rest[:-1]):
+        if word in FILE_OPTIONS:  # a search space or grid, named relative to where submit was called
+            rest[i + 1], note = _job_path(Path(rest[i + 1]))
+            notes += [note] if note else []
     entrypoint = shlex.join(command + rest)
     runtime_env: dict = {"working_dir": str(REPO), "excludes": list(EXCLUDES), "env_vars": env_vars}
     if requirements:
         runtime_env["pip"] = {"packages": requirement_lines(REPO / "requirements.txt"), "pip_check": False}
     return JobSpec(entrypoint, runtime_env, entrypoint_num_cpus, entrypoint_num_gpus, notes)
+
+
+def _job_path(path: Path) -> tuple[str, str | None]:
+    """A file the job reads: relative to the uploaded checkout when inside it, else absolute
+    (with a note: it must then exist at that path on the cluster)."""
+    path = path.resolve()
+    try:
+        return str(path.relative_to(REPO)), None
+    except ValueError:
+        return str(path), (f"{path} is outside the uploaded folder {REPO}: the job reads it at that path, "
+                           f"so it must exist there on the cluster's head node, or copy it into {REPO}")
 
 
 def cluster_overrides(cfg, config_dir: Path) -> list[str]:

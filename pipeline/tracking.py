@@ -17,6 +17,9 @@ import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Against a tracking server MLflow prints "View run ... at URL" for every run it ends (each
+# stage, variant and trial): the command's own summary names the parent run instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402

@@ -24,3 +24,33 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"CS224N data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def pipeline_env(**extra) -> dict:
+    """The environment the CLI tests run `python -m pipeline` in: this checkout, no tracking URI
+    or Ray address leaking in from the shell, a short private Ray temp dir (Ray's socket paths
+    have a length limit); extra variables on top."""
+    import tempfile
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env.update(extra)
+    return env
+
+
+def run_pipeline(work: Path, *args: str, timeout: int = 600, **extra_env):
+    """Run `python -m pipeline ARGS...` in `work` to the end; its output is printed for pytest."""
+    import shutil
+    import subprocess
+    import sys
+
+    env = pipeline_env(**extra_env)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    return proc

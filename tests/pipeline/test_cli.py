@@ -1,15 +1,9 @@
 """End to end: the real CLI, `--smoke`, on a real local Ray and a real MLflow sqlite store."""
 
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import run_pipeline
 
 STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
 
@@ -27,18 +21,7 @@ def workdir(tmp_path_factory, shared_data_dir):
 
 
 def run_cli(work, *args):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env["RAY_TMPDIR"] = ray_tmp
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "exp.yaml", "--smoke", *args],
-                              cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    print(proc.stdout[-3000:], proc.stderr[-3000:])
-    return proc
+    return run_pipeline(work, "run", "exp.yaml", "--smoke", *args)
 
 
 @pytest.fixture(scope="module")

@@ -104,3 +104,19 @@ def test_only_force_marks_stages_forced(cfg, tmp_path):
     assert [p.forced for p in dag.plan(cfg, store)] == [False, False, False]
     finish(store, dag.plan(cfg, store))
     assert [p.forced for p in dag.plan(cfg, store, ["finetune"])] == [False, True, True]
+
+
+def test_peak_memory_counts_from_the_stage_start_not_the_worker_start():
+    """A reused Ray worker remembers its last task's peak; each stage's count starts afresh."""
+    from pathlib import Path as P
+
+    if not P("/proc/self/clear_refs").exists():
+        pytest.skip("peak reset needs Linux /proc")
+    dag._reset_peak_memory()
+    block = bytearray(300 * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page: resident, not just reserved
+    with_block = dag._peak_memory()["stage/peak_rss_mb"]
+    del block
+    dag._reset_peak_memory()
+    after_reset = dag._peak_memory()["stage/peak_rss_mb"]
+    assert with_block - after_reset > 250

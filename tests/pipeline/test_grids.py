@@ -55,3 +55,15 @@ def test_unknown_top_level_key(tmp_path):
     grid.write_text("variants:\n  a: {}\nvariant:\n  b: {}\n")
     with pytest.raises(ConfigError, match=r"g\.yaml:3: unknown key 'variant'"):
         load_grid(grid)
+
+
+@pytest.mark.parametrize("grid", sorted((REPO / "search_spaces" / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_grid_loads_says_how_to_run_and_has_a_baseline(grid):
+    text = grid.read_text()
+    assert text.startswith("#") and f"--grid search_spaces/ablations/{grid.name}" in text
+    base, variants = load_grid(grid)
+    assert "baseline" in variants
+    configs = {name: repr(apply_overrides(PipelineConfig(), {**base, **v})) for name, v in variants.items()}
+    if grid.name == "techniques.yaml":  # `proportional` is the default sampling, listed under the name users look for
+        configs.pop("proportional")
+    assert len(set(configs.values())) == len(configs), "two variants of the grid are the same config"

@@ -75,7 +75,10 @@ def stage_result(work: Path, stage: str) -> dict:
     """The result.json of the one finished output of `stage` in the workdir's store."""
     done = list((work / "artifacts" / stage).glob("*/_SUCCESS"))
     assert len(done) == 1, done
-    return json.loads((done[0].parent / "result.json").read_text())
+    result = json.loads((done[0].parent / "result.json").read_text())
+    # stage/* (peak memory) measures the machine, not the model: not compared between runs.
+    result["metrics"] = {k: v for k, v in result["metrics"].items() if not k.startswith("stage/")}
+    return result
 
 
 def dev_metrics(work: Path) -> dict:

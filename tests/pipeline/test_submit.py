@@ -66,6 +66,18 @@ def test_a_config_in_the_checkout_travels_with_it_and_a_server_uri_is_passed_on(
     assert EXCLUDES[0] == ".venv"
 
 
+def test_grid_and_space_files_are_found_from_the_jobs_working_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO / "search_spaces")  # named relative to here, read from the checkout's root
+    spec = job_spec(REPO / "pipeline.yaml", ["ablate", "--grid", "ablations/sampling.yaml", "--smoke"])
+    words = shlex.split(spec.entrypoint)
+    assert words[:4] == ["python", "-m", "pipeline", "ablate"]
+    assert words[-3:] == ["--grid", "search_spaces/ablations/sampling.yaml", "--smoke"]
+    (tmp_path / "space.yaml").write_text("train.lr: 0.1\n")
+    spec = job_spec(REPO / "pipeline.yaml", ["tune", "--space", str(tmp_path / "space.yaml")])
+    assert shlex.split(spec.entrypoint)[-2:] == ["--space", str(tmp_path / "space.yaml")]
+    assert any("space.yaml is outside the uploaded folder" in n for n in spec.notes)
+
+
 # ---------------------------------------------------------------- a real local cluster
 
 

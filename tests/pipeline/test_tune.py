@@ -1,19 +1,17 @@
 """End to end: `python -m pipeline tune --smoke` on a real local Ray, Tune, Optuna and MLflow store."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineConfig, flatten, load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, pipeline_env, run_pipeline
 
 SPACE = REPO / "search_spaces" / "default.yaml"
 ASKED = ("loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alpha_start", "train.alpha_end",
@@ -31,24 +29,8 @@ def workdir(tmp_path_factory, shared_data_dir):
     return work
 
 
-def cli_env():
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    return env
-
-
 def run_cli(work, verb, *args):
-    env = cli_env()
-    ray_tmp = env["RAY_TMPDIR"]
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pipeline", verb, *args], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=600)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    print(proc.stdout[-4000:], proc.stderr[-4000:])
-    return proc
+    return run_pipeline(work, verb, *args)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +140,7 @@ def test_an_interrupted_search_resumes_without_redoing_finished_trials(workdir, 
     # one trial at a time (a trial takes both CPUs), Ctrl-C once the first has finished
     args = ["exp.yaml", "--space", str(SPACE), "--smoke", "--trials", "3", "--name", "r",
             "--set", "stages.finetune.num_cpus=2"]
-    env = cli_env()
+    env = pipeline_env()
     trials_dir = workdir / "artifacts" / "tune" / "r" / "trials"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *args], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,266 @@
+"""`python -m pipeline ablate`: a grid's variants side by side, compared in one MLflow parent run.
+
+    python -m pipeline ablate [CONFIG] --grid search_spaces/ablations/NAME.yaml [--seeds N] [--smoke] [--only A,B]
+
+Every variant (x seed) is the pipeline's DAG with the variant's overrides. All of them are
+planned against the cache first, and a stage whose key several variants share (data_prep,
+an mlm_pretrain of the same config) runs once as one Ray task; the rest run as Ray tasks side
+by side as resources allow (dag.execute_many). A variant that fails does not stop the others.
+
+MLflow: a parent run `ablation NAME` (tag stage=ablation); under it one run per variant and
+seed (tag stage=variant, ablation=<variant>, seed) with the same params as a plain run, the
+per-epoch dev/train metrics at step = epoch and the final dev/* scores, `variant/seconds` (the
+compute of its stages, less those every variant shares) and `variant/peak_rss_mb`. A variant's
+stage runs nest under it; shared stages nest under the parent (tag shared_by). When all have
+finished, the comparison (pipeline/report.py: CSV, Markdown, bar and curve PNGs) is logged on
+the parent under comparison/ and printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import dag, report, tracking
+from pipeline.cli import REPO, artifacts_location, prepare_config, reachable_tracking_uri
+from pipeline.config import ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config
+from pipeline.grids import load_grid
+from pipeline.store import ArtifactStore
+
+
+@dataclass
+class VariantRun:
+    """One variant at one seed: its config, plan and MLflow runs."""
+    variant: str
+    seed: int
+    cfg: PipelineConfig
+    planned: list[dag.PlannedStage]
+    run_id: str = ""
+    stage_runs: dict[str, str] | None = None
+
+
+def cmd_ablate(args) -> int:
+    config_path = Path(args.config).resolve()
+    grid_path = Path(args.grid).resolve()
+    config_dir = config_path.parent
+    cfg = load_config(config_path)
+    base, variants = load_grid(grid_path, cfg)
+    if args.only:
+        wanted = [v.strip() for v in args.only.split(",") if v.strip()]
+        unknown = [v for v in wanted if v not in variants]
+        if unknown:
+            raise ConfigError(f"--only {unknown[0]}: no such variant in {args.grid}; it has {', '.join(variants)}")
+        variants = {v: variants[v] for v in wanted}
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: must be at least 1")
+    store_location = artifacts_location(apply_overrides(apply_overrides(cfg, base), args.overrides), config_dir)
+    store = ArtifactStore(store_location)
+
+    runs: list[VariantRun] = []
+    for name, overrides in variants.items():
+        variant_cfg = prepare_config(cfg, {**base, **overrides}, args.overrides, args.smoke, store_location, config_dir)
+        for i in range(args.seeds):
+            seeded = apply_overrides(variant_cfg, {"seed": variant_cfg.seed + i})
+            try:
+                planned = dag.plan(seeded, store, args.force)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            runs.append(VariantRun(name, seeded.seed, seeded, planned))
+
+    users = _stage_users(runs)
+    shared_by_all = {k for k, who in users.items() if len(who) == len(runs)}
+    name = args.name or grid_path.stem + ("-smoke" if args.smoke else "")
+    print(f"ablation {name}: {len(variants)} variant(s) x {args.seeds} seed(s) from {args.grid}; "
+          f"artifacts in {store.location}")
+    for (stage, key), who in users.items():
+        cached = next(p.cached for p in runs[who[0]].planned if (p.stage.name, p.key) == (stage, key))
+        owner = "shared by all" if len(who) == len(runs) else ", ".join(sorted({_run_name(runs[i], args.seeds) for i in who}))
+        print(f"  {stage:<13} {'cached' if cached else 'to run':<7} key {key}  ({owner})")
+
+    uri = reachable_tracking_uri(runs[0].cfg, config_dir)
+    if uri is None:
+        return 3
+    experiment_id = tracking.ensure_experiment(uri, runs[0].cfg.tracking.experiment)
+    commit = tracking.git_commit(REPO)
+    common = apply_overrides(cfg, args.overrides)
+    parent = tracking.start_run(
+        uri, experiment_id, f"ablation {name}",
+        {"stage": "ablation", "git_commit": commit, "ablation_grid": str(grid_path), "smoke": args.smoke,
+         "ablation_variants": ",".join(variants), "seeds": args.seeds, "config_file": str(config_path)},
+        params=flatten(common))
+    tracking.log_artifact(uri, parent, grid_path)
+    tracking.log_text(uri, parent, dump_yaml(common), "config.yaml")
+    for run in runs:
+        run.run_id = tracking.start_run(
+            uri, experiment_id, _run_name(run, args.seeds),
+            {"stage": "variant", "ablation": run.variant, "seed": run.seed, "git_commit": commit,
+             "smoke": args.smoke, "config_file": str(config_path), "ablation_grid": str(grid_path)},
+            parent_id=parent, params=flatten(run.cfg))
+    stage_runs: dict[tuple[str, str], str] = {}
+    for (stage, key), who in users.items():
+        shared = len(who) > 1
+        first = runs[who[0]]
+        p = next(p for p in first.planned if (p.stage.name, p.key) == (stage, key))
+        tags = {"stage": stage, "git_commit": commit, "cache_key": key, "cache_hit": p.cached,
+                "ablation": "shared" if shared else first.variant}
+        if shared:
+            tags["shared_by"] = ",".join(sorted({_run_name(runs[i], args.seeds) for i in who}))[:5000]
+        stage_runs[(stage, key)] = tracking.start_run(uri, experiment_id, stage, tags,
+                                                      parent_id=parent if shared else first.run_id,
+                                                      params=flatten(first.cfg))
+    for run in runs:
+        run.stage_runs = {p.stage.name: stage_runs[(p.stage.name, p.key)] for p in run.planned}
+
+    start = time.time()
+    address = _ray_address(runs[0].cfg)
+    try:
+        outcomes = dag.execute_many(
+            [(r.planned, dag.RunContext(r.cfg, store.location, uri), r.stage_runs) for r in runs],
+            address, runs[0].cfg.ray.num_cpus)
+    except (Exception, KeyboardInterrupt) as e:  # Ctrl-C or the driver's own failure: no run stays RUNNING
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        _close_unfinished(uri, store, runs, stage_runs, parent, status, f"{type(e).__name__}: {e}")
+        print(f"\n{'interrupted' if status == 'KILLED' else f'error: {e}'}; MLflow parent run {parent} marked "
+              f"{status}; finished stages stay cached, so the same command continues from them.", file=sys.stderr)
+        return 130 if status == "KILLED" else 1
+
+    recorded: set[str] = set()
+    failed = []
+    for run, outcome in zip(runs, outcomes):
+        results = outcome.results if isinstance(outcome, dag.StageFailed) else outcome
+        for p in run.planned:
+            stage_run = run.stage_runs[p.stage.name]
+            if stage_run in recorded:
+                continue
+            if p.stage.name in results:
+                _record_stage(uri, stage_run, results[p.stage.name], store, p)
+                tracking.end_run(uri, stage_run)
+                recorded.add(stage_run)
+            elif isinstance(outcome, dag.StageFailed) and outcome.stage == p.stage.name:
+                if "error" not in tracking.get_tags(uri, stage_run):
+                    tracking.set_tags(uri, stage_run, {"error": str(outcome)[-4000:]})
+                tracking.end_run(uri, stage_run, "FAILED")
+                recorded.add(stage_run)
+        if isinstance(outcome, dag.StageFailed):
+            failed.append(_run_name(run, args.seeds))
+            tracking.set_tags(uri, run.run_id, {"error": str(outcome)[-4000:]})
+            for p in run.planned:  # stages that never started because an upstream one failed
+                if run.stage_runs[p.stage.name] not in recorded and p.stage.name not in results:
+                    tracking.end_run(uri, run.stage_runs[p.stage.name], "FAILED")
+            tracking.end_run(uri, run.run_id, "FAILED")
+            print(f"variant {_run_name(run, args.seeds)} failed: {str(outcome).splitlines()[0]}", file=sys.stderr)
+            continue
+        _record_variant(uri, run, results, store, shared_by_all)
+        tracking.end_run(uri, run.run_id)
+    # A stage no surviving variant recorded (its only users failed upstream) is closed too.
+    for stage_run in set(stage_runs.values()) - recorded:
+        if tracking.MlflowClient(uri).get_run(stage_run).info.status == "RUNNING":
+            tracking.end_run(uri, stage_run, "FAILED")
+
+    seconds = time.time() - start
+    _, groups = report.comparison(uri, parent)
+    out_dir = _comparison_dir(store, parent, name)
+    title = f"ablation {name}" + (f" ({args.seeds} seeds)" if args.seeds > 1 else "")
+    files = report.write_comparison(groups, out_dir, title)
+    for path in files:
+        tracking.log_artifact(uri, parent, path, "comparison")
+    base_group = next((g for g in groups if g.label == report.BASELINE), None)
+    best = max((g for g in groups if "dev/overall" in g.mean), key=lambda g: g.mean["dev/overall"], default=None)
+    tags = {"failed_variants": ",".join(failed)} if failed else {}
+    if best is not None:
+        tags["best_variant"] = best.label
+    tracking.set_tags(uri, parent, tags)
+    tracking.log_metrics(uri, parent, {"ablation/seconds": seconds, "ablation/variants_failed": len(failed),
+                                       **({"best/dev_overall": best.mean["dev/overall"]} if best else {}),
+                                       **({"baseline/dev_overall": base_group.mean["dev/overall"]}
+                                          if base_group and "dev/overall" in base_group.mean else {})})
+    tracking.end_run(uri, parent, "FAILED" if failed else "FINISHED")
+
+    print(f"\nablation {name} finished in {seconds:.1f} s"
+          + (f"; {len(failed)} variant run(s) FAILED: {', '.join(failed)}" if failed else ""))
+    print()
+    print(report.to_markdown(groups))
+    print(f"comparison:    {out_dir} (also on the parent run's artifacts, comparison/)")
+    print(f"MLflow:        parent run {parent} in experiment '{runs[0].cfg.tracking.experiment}' at {uri}")
+    print(f"               python -m pipeline report {parent}" + (f" {args.config}" if args.config != "pipeline.yaml" else ""))
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _stage_users(runs: list[VariantRun]) -> dict[tuple[str, str], list[int]]:
+    """(stage, key) -> the indexes of the variant runs whose DAG holds it, in DAG order."""
+    users: dict[tuple[str, str], list[int]] = {}
+    for stage in dag.STAGE_NAMES:
+        for i, run in enumerate(runs):
+            for p in run.planned:
+                if p.stage.name == stage:
+                    users.setdefault((stage, p.key), []).append(i)
+    return users
+
+
+def _run_name(run: VariantRun, seeds: int) -> str:
+    return run.variant if seeds == 1 else f"{run.variant} seed {run.seed}"
+
+
+def _record_stage(uri: str, run_id: str, result: dict, store: ArtifactStore, p: dag.PlannedStage) -> None:
+    metrics = dict(result.get("metrics", {}))
+    if "seconds" in result:
+        metrics["stage/seconds"] = result["seconds"]
+    tracking.log_metrics(uri, run_id, metrics)
+    if p.stage.name == "evaluate":
+        predictions = store.local_dir("evaluate", p.key) / result.get("predictions", "predictions")
+        if predictions.is_dir():
+            tracking.log_artifacts(uri, run_id, predictions, "predictions")
+
+
+def _record_variant(uri: str, run: VariantRun, results: dict, store: ArtifactStore,
+                    shared_by_all: set[tuple[str, str]]) -> None:
+    """Per-epoch metrics at step = epoch, then the final scores at the last epoch's step (so the
+    latest value MLflow shows is evaluate's), the variant's compute seconds and peak memory."""
+    finetune = next((p for p in run.planned if p.stage.name == "finetune"), None)
+    epochs = run.cfg.train.epochs
+    if finetune is not None:
+        history_file = store.local_dir("finetune", finetune.key) / "history.json"
+        if history_file.is_file():
+            for row in json.loads(history_file.read_text()):
+                epoch = int(row.pop("epoch"))
+                tracking.log_metrics(uri, run.run_id, row, step=epoch)
+                epochs = max(epochs, epoch)
+    final = {**results.get("finetune", {}).get("metrics", {}), **results.get("evaluate", {}).get("metrics", {})}
+    own = [p for p in run.planned if (p.stage.name, p.key) not in shared_by_all]
+    final["variant/seconds"] = sum(results[p.stage.name].get("seconds", 0.0) for p in own)
+    peaks = [results[p.stage.name].get("metrics", {}).get("stage/peak_rss_mb") for p in run.planned]
+    if any(v is not None for v in peaks):
+        final["variant/peak_rss_mb"] = max(v for v in peaks if v is not None)
+    final = {k: v for k, v in final.items() if not k.startswith("stage/")}
+    tracking.log_metrics(uri, run.run_id, final, step=epochs)
+
+
+def _close_unfinished(uri: str, store: ArtifactStore, runs: list[VariantRun], stage_runs: dict, parent: str,
+                      status: str, error: str) -> None:
+    for (stage, key), run_id in stage_runs.items():
+        tracking.end_run(uri, run_id, "FINISHED" if store.is_finished(stage, key) else status)
+    for run in runs:
+        tracking.end_run(uri, run.run_id, status)
+    tracking.set_tags(uri, parent, {"error": error[-4000:]})
+    tracking.end_run(uri, parent, status)
+
+
+def _comparison_dir(store: ArtifactStore, parent: str, name: str) -> Path:
+    """Beside the stage outputs when the store is a local folder; a temp folder otherwise."""
+    if "://" in store.location:
+        return Path(tempfile.mkdtemp(prefix=f"ablation-{name}-"))
+    return Path(store.location) / "ablations" / f"{name}-{parent[:8]}"
+
+
+def _ray_address(cfg: PipelineConfig) -> str | None:
+    import os
+
+    return os.environ.get("RAY_ADDRESS") or cfg.ray.address

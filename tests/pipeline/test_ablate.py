@@ -1,0 +1,210 @@
+"""End to end: `python -m pipeline ablate --smoke` against a real `mlflow server` on 127.0.0.1,
+`python -m pipeline report`, and the MLflow UI's compare page rendered by headless Chromium."""
+
+import csv
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_pipeline
+
+GRID = """# test grid: two variants
+variants:
+  baseline: {}
+  concat_pairs: {model.pair_encoding: concat}
+"""
+SEEDS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server: sqlite backend, artifacts proxied over HTTP to a temp folder."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not come up: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_data_dir, mlflow_server):
+    work = tmp_path_factory.mktemp("ablate")
+    (work / "exp.yaml").write_text(
+        "# ablate test config\n"
+        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
+        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
+        f"tracking:\n  uri: {mlflow_server}\n  experiment: ablate-e2e\n")
+    (work / "grid.yaml").write_text(GRID)
+    return work
+
+
+@pytest.fixture(scope="module")
+def ablation(workdir):
+    proc = run_pipeline(workdir, "ablate", "exp.yaml", "--grid", "grid.yaml", "--smoke", "--seeds", str(SEEDS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(mlflow_server, ablation):
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("ablate-e2e")
+    all_runs = client.search_runs([experiment.experiment_id], max_results=500)
+    parents = [r for r in all_runs if r.data.tags.get("stage") == "ablation"]
+    assert len(parents) == 1
+    return client, parents[0], all_runs
+
+
+def children_of(all_runs, run_id):
+    return [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == run_id]
+
+
+def test_parent_and_one_run_per_variant_and_seed(runs):
+    client, parent, all_runs = runs
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["ablation_variants"] == "baseline,concat_pairs"
+    assert parent.data.tags["best_variant"] in ("baseline", "concat_pairs")
+    variants = [r for r in children_of(all_runs, parent.info.run_id) if r.data.tags.get("stage") == "variant"]
+    assert sorted((r.data.tags["ablation"], r.data.tags["seed"]) for r in variants) == [
+        ("baseline", "11711"), ("baseline", "11712"), ("concat_pairs", "11711"), ("concat_pairs", "11712")]
+    for r in variants:
+        assert r.info.status == "FINISHED"
+        # The same params as a plain run: the whole flattened config, the variant's change included.
+        assert r.data.params["model.pair_encoding"] == ("concat" if r.data.tags["ablation"] == "concat_pairs" else "separate")
+        assert r.data.params["seed"] == r.data.tags["seed"]
+        for m in ("dev/sst_acc", "dev/para_acc", "dev/sts_corr", "dev/overall"):
+            assert 0 <= r.data.metrics[m] <= 1 or m == "dev/sts_corr"
+        assert r.data.metrics["variant/seconds"] > 0 and r.data.metrics["variant/peak_rss_mb"] > 50
+        history = client.get_metric_history(r.info.run_id, "dev/overall")
+        assert {p.step for p in history} == {1, 2}  # per-epoch curve, then the final score at the last step
+        # Its own finetune and evaluate nest under it.
+        assert sorted(c.info.run_name for c in children_of(all_runs, r.info.run_id)) == ["evaluate", "finetune"]
+
+
+def test_shared_data_prep_ran_once_under_the_parent(runs):
+    _, parent, all_runs = runs
+    data_prep = [r for r in all_runs if r.data.tags.get("stage") == "data_prep"]
+    assert len(data_prep) == 1
+    assert data_prep[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert len(data_prep[0].data.tags["shared_by"].split(",")) == 2 * SEEDS
+    finetunes = [r for r in all_runs if r.data.tags.get("stage") == "finetune"]
+    assert len(finetunes) == 2 * SEEDS and len({r.data.tags["cache_key"] for r in finetunes}) == 2 * SEEDS
+
+
+def test_comparison_artifacts_on_the_parent(runs, tmp_path):
+    client, parent, all_runs = runs
+    names = sorted(a.path for a in client.list_artifacts(parent.info.run_id, "comparison"))
+    assert names == ["comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison_bars.png",
+                     "comparison/dev_curves.png"]
+    local = Path(client.download_artifacts(parent.info.run_id, "comparison", str(tmp_path)))
+    table = {r["variant"]: r for r in csv.DictReader(io.StringIO((local / "comparison.csv").read_text()))}
+    assert set(table) == {"baseline", "concat_pairs"}
+    assert table["baseline"]["finished"] == str(SEEDS)
+    for variant, line in table.items():
+        seeds = [r for r in all_runs if r.data.tags.get("stage") == "variant" and r.data.tags["ablation"] == variant]
+        mean = sum(r.data.metrics["dev/overall"] for r in seeds) / SEEDS
+        assert float(line["dev/overall_mean"]) == pytest.approx(mean, abs=1e-6)
+        assert float(line["dev/overall_std"]) >= 0
+    assert float(table["baseline"]["dev/overall_delta"]) == 0
+    assert (local / "comparison_bars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_prints_the_table(workdir, runs):
+    _, parent, _ = runs
+    proc = run_pipeline(workdir, "report", parent.info.run_id, "exp.yaml")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| variant | runs |")
+    assert lines[1].startswith("| baseline | 2/2 |") and lines[2].startswith("| concat_pairs | 2/2 |")
+    missing = run_pipeline(workdir, "report", "0" * 32, "exp.yaml")
+    assert missing.returncode == 2 and "no run" in missing.stderr
+
+
+def test_rerun_is_cached_and_skips_ray(workdir, runs):
+    proc = run_pipeline(workdir, "ablate", "exp.yaml", "--grid", "grid.yaml", "--smoke", "--only", "baseline")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "all stages cached; Ray not started" in proc.stdout
+    assert "| baseline | 1/1 |" in proc.stdout
+
+
+def test_mlflow_ui_compare_page_shows_the_variant_runs(mlflow_server, runs, tmp_path):
+    """The page people open: MLflow's compare view of the variant runs, rendered headless."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium); the UI check needs it")
+    _, parent, all_runs = runs
+    variants = [r for r in children_of(all_runs, parent.info.run_id) if r.data.tags.get("stage") == "variant"]
+    url = (f"{mlflow_server}/#/compare-runs?runs={json.dumps([r.info.run_id for r in variants])}"
+           f"&experiments={json.dumps([parent.info.experiment_id])}").replace(" ", "")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--disable-background-networking", "--disable-extensions", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1100", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    shot = tmp_path / "compare.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    for r in variants:
+        assert r.info.run_name in dom, f"{r.info.run_name} not on the compare page"
+    assert "Comparing 4 Runs" in dom
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
+def test_a_failing_variant_does_not_stop_the_others(tmp_path, shared_data_dir):
+    (tmp_path / "exp.yaml").write_text(
+        "# failing-variant test config\n"
+        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
+        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
+        "tracking:\n  experiment: ablate-fail\n")
+    (tmp_path / "grid.yaml").write_text(
+        "# one variant reads a data file that is not there\n"
+        "variants:\n  baseline: {}\n  broken: {data.sst_train: no-such-file.csv}\n")
+    proc = run_pipeline(tmp_path, "ablate", "exp.yaml", "--grid", "grid.yaml", "--smoke")
+    assert proc.returncode == 1
+    assert "variant broken failed: stage data_prep failed" in proc.stderr
+    assert "| baseline | 1/1 |" in proc.stdout and "| broken | 0/1 |" in proc.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ablate-fail")
+    by_name = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])
+               if r.data.tags.get("stage") in ("ablation", "variant")}
+    assert by_name["baseline"].info.status == "FINISHED" and "dev/overall" in by_name["baseline"].data.metrics
+    assert by_name["broken"].info.status == "FAILED" and "no-such-file.csv" in by_name["broken"].data.tags["error"]
+    parent = by_name["ablation grid-smoke"]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == "broken"
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "comparison")]
+    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert "RUNNING" not in statuses
