@@ -2,6 +2,7 @@
 # make test  - set up .venv (and Debian's chromium for the MLflow UI test) if needed, then the
 #              whole test suite (.ci/run calls this)
 # make smoke - the same DAG on a tiny model and ~64 rows per split
+# make bench - the benchmark suite (bench/run.py, ~15 min on 2 CPUs); writes bench/RESULTS.md
 #
 # TORCH picks the torch build. The default is the CPU wheel these machines carry; on a CUDA
 # cluster: make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: run smoke test browser clean
+.PHONY: run smoke test browser bench clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,9 @@ browser:
 	  ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    --no-install-recommends chromium fonts-dejavu-core) >/dev/null 2>&1 \
 	  || echo "note: chromium could not be installed; the MLflow UI browser test will skip"; }
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
 
 clean:
 	rm -rf artifacts mlruns

@@ -270,12 +270,12 @@ def prepare_config(cfg: PipelineConfig, variant: dict, overrides: list[str], smo
 
 def smoke_config(cfg: PipelineConfig, store_location: str) -> PipelineConfig:
     """The same DAG shrunk: tiny data, few steps, a tiny random-weight BERT with the real vocab."""
-    from stages.tiny_bert import write_tiny_bert
-
     cfg = apply_overrides(cfg, SMOKE_OVERRIDES)
     local_root = Path(store_location) if "://" not in store_location else Path(os.environ.get("TMPDIR", "/tmp"))
     tiny = local_root / "smoke-tiny-bert"
     if not (tiny / "model.safetensors").exists():
+        from stages.tiny_bert import write_tiny_bert  # imports torch: only when the model is missing
+
         # Written aside, then renamed: a run started at the same moment never reads half of it.
         tmp = local_root / f".smoke-tiny-bert.tmp-{os.getpid()}"
         write_tiny_bert(tmp, seed=0, tokenizer_from=cfg.model.dir and Path(cfg.model.dir) or None)
