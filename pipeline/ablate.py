@@ -10,9 +10,9 @@ by side as resources allow (dag.execute_many). A variant that fails does not sto
 MLflow: a parent run `ablation NAME` (tag stage=ablation); under it one run per variant and
 seed (tag stage=variant, ablation=<variant>, seed) with the same params as a plain run, the
 per-epoch dev/train metrics at step = epoch and the final dev/* scores, `variant/seconds` (the
-compute of its stages, less those every variant shares) and `variant/peak_rss_mb`. A variant's
-stage runs nest under it; shared stages nest under the parent (tag shared_by). When all have
-finished, the comparison (pipeline/report.py: CSV, Markdown, bar and curve PNGs) is logged on
+compute of its stages, less those every variant shares) and `variant/peak_rss_mb` (the largest
+peak of those stages). A variant's stage runs nest under it; shared stages nest under the
+parent (tag shared_by). When all have finished, the comparison (pipeline/report.py: CSV, Markdown, bar and curve PNGs) is logged on
 the parent under comparison/ and printed.
 """
 
@@ -236,7 +236,8 @@ def _record_variant(uri: str, run: VariantRun, results: dict, store: ArtifactSto
     final = {**results.get("finetune", {}).get("metrics", {}), **results.get("evaluate", {}).get("metrics", {})}
     own = [p for p in run.planned if (p.stage.name, p.key) not in shared_by_all]
     final["variant/seconds"] = sum(results[p.stage.name].get("seconds", 0.0) for p in own)
-    peaks = [results[p.stage.name].get("metrics", {}).get("stage/peak_rss_mb") for p in run.planned]
+    # Its own stages' peak: a stage every variant shares (data_prep) would be everyone's maximum.
+    peaks = [results[p.stage.name].get("metrics", {}).get("stage/peak_rss_mb") for p in own or run.planned]
     if any(v is not None for v in peaks):
         final["variant/peak_rss_mb"] = max(v for v in peaks if v is not None)
     final = {k: v for k, v in final.items() if not k.startswith("stage/")}
