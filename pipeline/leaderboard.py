@@ -2,13 +2,16 @@
 
     python -m pipeline leaderboard [CONFIG] [--model MODEL_URI] [--smoke] [--set KEY=VALUE ...] [--force]
 
-Which model, first found wins:
+Which model:
   1. --model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a model folder
      (finetune's `model/`: a HuggingFace BERT folder plus heads and multitask.json);
-  2. the version of the registered model named `tracking.experiment` under the alias
-     `champion` (tune moves the alias to a search's best model when it beats the current one);
-  3. the best FINISHED pipeline run or tune trial by dev/overall whose model can still be
-     found (a pipeline run's finetune output in the artifact store, a trial's logged `model/`).
+  2. else the better by dev/overall of: the version of the registered model named
+     `tracking.experiment` under the alias `champion` (tune moves the alias to a search's best
+     model when it beats the current one; a champion without a dev/overall tag was set by hand
+     and always wins), and the best FINISHED pipeline run, ablation variant or tune trial whose
+     model can still be found (a run's finetune output in the artifact store, a trial's logged
+     `model/`). Plain runs are never registered, so without this a search's winner on a small
+     budget would displace a better full run.
 With --smoke only smoke runs qualify (never the registry), and a smoke run is made first when
 there is none; without it, smoke runs never do.
 
@@ -161,14 +164,14 @@ def make_submission(cfg: PipelineConfig, store: ArtifactStore, uri: str, experim
 
 def choose_model(uri: str, registered_name: str, experiment_id: str, given: str | None, smoke: bool,
                  store: ArtifactStore, tmp: Path) -> ModelChoice:
-    """--model, else the champion alias (not with smoke), else the best finished run; LookupError if none."""
+    """--model, else the better of the champion alias (not with smoke) and the best finished run;
+    LookupError if none."""
     if given:
         return given_model(uri, given, tmp)
-    if not smoke:
-        champion = champion_model(uri, registered_name, tmp)
-        if champion is not None:
-            return champion
     best = best_run_model(uri, experiment_id, smoke, store, tmp)
+    champion = None if smoke else champion_model(uri, registered_name, tmp)
+    if champion is not None and (champion.score is None or best is None or champion.score >= best.score):
+        return champion  # no score: a champion chosen by hand
     if best is not None:
         return best
     kind = "smoke " if smoke else ""
@@ -205,13 +208,14 @@ def champion_model(uri: str, name: str, tmp: Path) -> ModelChoice | None:
 
 
 def best_run_model(uri: str, experiment_id: str, smoke: bool, store: ArtifactStore, tmp: Path) -> ModelChoice | None:
-    """The FINISHED pipeline run or tune trial with the highest dev/overall whose model still exists."""
+    """The FINISHED pipeline run, ablation variant or tune trial with the highest dev/overall whose
+    model still exists."""
     client = tracking.MlflowClient(uri)
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
                               order_by=[f"metrics.`{METRIC}` DESC"], max_results=5000)
     for run in runs:
         tags, score = run.data.tags, run.data.metrics.get(METRIC)
-        if tags.get("stage") not in ("pipeline", "trial") or score is None or not math.isfinite(score):
+        if tags.get("stage") not in ("pipeline", "variant", "trial") or score is None or not math.isfinite(score):
             continue
         if (tags.get("smoke") == "True") != smoke:
             continue

@@ -231,6 +231,34 @@ def test_champion_alias_moves_only_to_a_better_model(tmp_path, model_dir):
         choose_model(uri, "champ", experiment_id, None, True, store, tmp_path / "dl2")
 
 
+def test_a_better_finished_run_beats_a_searched_champion_but_not_a_hand_picked_one(tmp_path, model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = tracking.ensure_experiment(uri, "champ2")
+    client = MlflowClient(uri)
+    client.create_registered_model("champ2")
+    trial = tracking.start_run(uri, experiment_id, "trial", {"stage": "trial"})
+    tracking.log_artifacts(uri, trial, model_dir, "model")
+    version = client.create_model_version("champ2", f"runs:/{trial}/model", run_id=trial).version
+    assert promote_champion(uri, "champ2", version, 0.57)  # a search's winner on a small budget
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    # A finished ablation variant (its finetune nested under it) that scored higher.
+    variant = tracking.start_run(uri, experiment_id, "concat_pairs", {"stage": "variant", "smoke": False})
+    finetune = tracking.start_run(uri, experiment_id, "finetune", {"stage": "finetune", "cache_key": "key-v"},
+                                  parent_id=variant)
+    tracking.log_metrics(uri, variant, {"dev/overall": 0.64})
+    tracking.end_run(uri, finetune)
+    tracking.end_run(uri, variant)
+    scratch = store.scratch_dir("finetune", "key-v")
+    shutil.copytree(model_dir, scratch / "model")
+    store.publish("finetune", "key-v", scratch, {})
+    choice = choose_model(uri, "champ2", experiment_id, None, False, store, tmp_path / "dl")
+    assert (choice.how, choice.run_id, choice.score) == ("best finished run", variant, 0.64)
+    # Set by hand (no dev/overall tag on the version): the champion is taken whatever the runs scored.
+    client.delete_model_version_tag("champ2", version, "dev/overall")
+    choice = choose_model(uri, "champ2", experiment_id, None, False, store, tmp_path / "dl2")
+    assert (choice.how, choice.uri) == ("champion alias", f"models:/champ2/{version}")
+
+
 def test_best_finished_run_by_dev_overall_whose_model_still_exists(tmp_path, model_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = tracking.ensure_experiment(uri, "best")
