@@ -17,8 +17,8 @@ class Killed(Exception):
     """Stands in for kill -9: the stage stops right after an optimizer step."""
 
 
-def kill_after(n_steps: int):
-    """Make the n-th optimizer step (from now) raise Killed, once; returns the hook handle."""
+def run_killed_after(n_steps: int, stage_run, *args) -> None:
+    """Call stage_run(*args) and stop it with Killed right after its n-th optimizer step."""
     count = [0]
 
     def hook(*_):
@@ -26,7 +26,12 @@ def kill_after(n_steps: int):
         if count[0] == n_steps:
             raise Killed(f"killed after step {n_steps}")
 
-    return register_optimizer_step_post_hook(hook)
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        with pytest.raises(Killed):
+            stage_run(*args)
+    finally:
+        handle.remove()
 
 
 def no_log(*_a, **_k):
@@ -108,12 +113,7 @@ def test_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_result(
 
     # In epoch 1 (9 or 8 steps), after the checkpoint at step 6; Lookahead's step runs AdamW's
     # step inside it, so each training step calls the optimizer-step hook twice.
-    handle = kill_after(8 * (2 if cfg.train.lookahead else 1))
-    try:
-        with pytest.raises(Killed):
-            finetune.run(cfg, inputs, tmp_path / "resumed", no_log)
-    finally:
-        handle.remove()
+    run_killed_after(8 * (2 if cfg.train.lookahead else 1), finetune.run, cfg, inputs, tmp_path / "resumed", no_log)
     saved = torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=False)
     assert saved["resume_at"] == (1, 6)  # mid-epoch: 6 steps of epoch 1 done
 
@@ -131,12 +131,7 @@ def test_finetune_without_restored_rng_would_differ(prepared, shared_data_dir, t
     cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.epochs": 1})
     inputs = {"data_prep": prepared}
     finetune.run(cfg, inputs, tmp_path / "whole", no_log)
-    handle = kill_after(7)
-    try:
-        with pytest.raises(Killed):
-            finetune.run(cfg, inputs, tmp_path / "resumed", no_log)
-    finally:
-        handle.remove()
+    run_killed_after(7, finetune.run, cfg, inputs, tmp_path / "resumed", no_log)
     path = tmp_path / "resumed" / "checkpoint" / "state.pt"
     saved = torch.load(path, weights_only=False)
     saved["rng"]["torch"] = torch.Generator().manual_seed(123).get_state()
@@ -148,12 +143,8 @@ def test_finetune_without_restored_rng_would_differ(prepared, shared_data_dir, t
 
 def test_finetune_ignores_a_checkpoint_of_another_config(prepared, shared_data_dir, tiny_model_dir, tmp_path, capsys):
     inputs = {"data_prep": prepared}
-    handle = kill_after(5)
-    try:
-        with pytest.raises(Killed):
-            finetune.run(_cfg(shared_data_dir, tiny_model_dir, **{"train.lr": 3e-3}), inputs, tmp_path / "b", no_log)
-    finally:
-        handle.remove()
+    other_cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.lr": 3e-3})
+    run_killed_after(5, finetune.run, other_cfg, inputs, tmp_path / "b", no_log)
     assert (tmp_path / "b" / "checkpoint" / "state.pt").is_file()
     cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.checkpoint_every": 0})  # not in the fingerprint
     fresh = finetune.run(cfg, inputs, tmp_path / "a", no_log)
@@ -177,12 +168,7 @@ def test_mlm_pretrain_killed_mid_epoch_resumes_to_the_uninterrupted_result(
     steps = int(whole["metrics"]["mlm/steps"])
     assert steps > 10  # two epochs of several batches each: the kill below lands inside an epoch
 
-    handle = kill_after(6)  # after the checkpoint at step 4
-    try:
-        with pytest.raises(Killed):
-            mlm_pretrain.run(cfg, inputs, tmp_path / "resumed", no_log)
-    finally:
-        handle.remove()
+    run_killed_after(6, mlm_pretrain.run, cfg, inputs, tmp_path / "resumed", no_log)  # after the checkpoint at step 4
     saved = torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=False)
     assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4)
 
