@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import dag, report, tracking
-from pipeline.cli import REPO, artifacts_location, prepare_config, reachable_tracking_uri
+from pipeline.cli import REPO, artifacts_location, prepare_config, reachable_tracking_uri, record_stage
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config
 from pipeline.grids import load_grid
 from pipeline.store import ArtifactStore
@@ -117,11 +117,10 @@ def cmd_ablate(args) -> int:
         run.stage_runs = {p.stage.name: stage_runs[(p.stage.name, p.key)] for p in run.planned}
 
     start = time.time()
-    address = _ray_address(runs[0].cfg)
     try:
         outcomes = dag.execute_many(
             [(r.planned, dag.RunContext(r.cfg, store.location, uri), r.stage_runs) for r in runs],
-            address, runs[0].cfg.ray.num_cpus)
+            dag.ray_address(runs[0].cfg), runs[0].cfg.ray.num_cpus)
     except (Exception, KeyboardInterrupt) as e:  # Ctrl-C or the driver's own failure: no run stays RUNNING
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         _close_unfinished(uri, store, runs, stage_runs, parent, status, f"{type(e).__name__}: {e}")
@@ -129,7 +128,7 @@ def cmd_ablate(args) -> int:
               f"{status}; finished stages stay cached, so the same command continues from them.", file=sys.stderr)
         return 130 if status == "KILLED" else 1
 
-    recorded: set[str] = set()
+    recorded: set[str] = set()  # stage runs already ended
     failed = []
     for run, outcome in zip(runs, outcomes):
         results = outcome.results if isinstance(outcome, dag.StageFailed) else outcome
@@ -138,7 +137,8 @@ def cmd_ablate(args) -> int:
             if stage_run in recorded:
                 continue
             if p.stage.name in results:
-                _record_stage(uri, stage_run, results[p.stage.name], store, p)
+                evaluated = store.local_dir("evaluate", p.key) if p.stage.name == "evaluate" else None
+                record_stage(uri, stage_run, results[p.stage.name], evaluated)
                 tracking.end_run(uri, stage_run)
                 recorded.add(stage_run)
             elif isinstance(outcome, dag.StageFailed) and outcome.stage == p.stage.name:
@@ -150,17 +150,14 @@ def cmd_ablate(args) -> int:
             failed.append(_run_name(run, args.seeds))
             tracking.set_tags(uri, run.run_id, {"error": str(outcome)[-4000:]})
             for p in run.planned:  # stages that never started because an upstream one failed
-                if run.stage_runs[p.stage.name] not in recorded and p.stage.name not in results:
+                if run.stage_runs[p.stage.name] not in recorded:
                     tracking.end_run(uri, run.stage_runs[p.stage.name], "FAILED")
+                    recorded.add(run.stage_runs[p.stage.name])
             tracking.end_run(uri, run.run_id, "FAILED")
             print(f"variant {_run_name(run, args.seeds)} failed: {str(outcome).splitlines()[0]}", file=sys.stderr)
             continue
         _record_variant(uri, run, results, store, shared_by_all)
         tracking.end_run(uri, run.run_id)
-    # A stage no surviving variant recorded (its only users failed upstream) is closed too.
-    for stage_run in set(stage_runs.values()) - recorded:
-        if tracking.MlflowClient(uri).get_run(stage_run).info.status == "RUNNING":
-            tracking.end_run(uri, stage_run, "FAILED")
 
     seconds = time.time() - start
     _, groups = report.comparison(uri, parent)
@@ -209,17 +206,6 @@ def _run_name(run: VariantRun, seeds: int) -> str:
     return run.variant if seeds == 1 else f"{run.variant} seed {run.seed}"
 
 
-def _record_stage(uri: str, run_id: str, result: dict, store: ArtifactStore, p: dag.PlannedStage) -> None:
-    metrics = dict(result.get("metrics", {}))
-    if "seconds" in result:
-        metrics["stage/seconds"] = result["seconds"]
-    tracking.log_metrics(uri, run_id, metrics)
-    if p.stage.name == "evaluate":
-        predictions = store.local_dir("evaluate", p.key) / result.get("predictions", "predictions")
-        if predictions.is_dir():
-            tracking.log_artifacts(uri, run_id, predictions, "predictions")
-
-
 def _record_variant(uri: str, run: VariantRun, results: dict, store: ArtifactStore,
                     shared_by_all: set[tuple[str, str]]) -> None:
     """Per-epoch metrics at step = epoch, then the final scores at the last epoch's step (so the
@@ -261,7 +247,3 @@ def _comparison_dir(store: ArtifactStore, parent: str, name: str) -> Path:
     return Path(store.location) / "ablations" / f"{name}-{parent[:8]}"
 
 
-def _ray_address(cfg: PipelineConfig) -> str | None:
-    import os
-
-    return os.environ.get("RAY_ADDRESS") or cfg.ray.address

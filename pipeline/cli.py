@@ -190,9 +190,8 @@ def cmd_run(args) -> int:
 
     start = time.time()
     ctx = dag.RunContext(cfg, store.location, uri, resume=args.resume)
-    address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     try:
-        results = dag.execute(planned, ctx, stage_runs, address, cfg.ray.num_cpus)
+        results = dag.execute(planned, ctx, stage_runs, dag.ray_address(cfg), cfg.ray.num_cpus)
     except (Exception, KeyboardInterrupt) as e:  # whatever stops the run, no MLflow run stays RUNNING
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         finished = getattr(e, "results", None)
@@ -203,7 +202,7 @@ def cmd_run(args) -> int:
             else:
                 done = store.is_finished(p.stage.name, p.key) and not p.forced
             if done:
-                _record_stage(uri, stage_runs[p.stage.name], store.read_result(p.stage.name, p.key))
+                record_stage(uri, stage_runs[p.stage.name], store.read_result(p.stage.name, p.key))
             elif getattr(e, "stage", None) == p.stage.name and "error" not in tracking.get_tags(uri, stage_runs[p.stage.name]):
                 # The stage's task tags its own traceback; a worker that died could not.
                 tracking.set_tags(uri, stage_runs[p.stage.name], {"error": str(e)[-4000:]})
@@ -218,10 +217,10 @@ def cmd_run(args) -> int:
 
     for p in planned:
         result = results[p.stage.name]
-        _record_stage(uri, stage_runs[p.stage.name], result)
-        if p.stage.name == "evaluate":
-            out = store.local_dir("evaluate", p.key)
-            tracking.log_artifacts(uri, stage_runs["evaluate"], out / result.get("predictions", "predictions"), "predictions")
+        evaluated = store.local_dir("evaluate", p.key) if p.stage.name == "evaluate" else None
+        record_stage(uri, stage_runs[p.stage.name], result, evaluated)
+        if evaluated is not None:
+            out = evaluated
             submission = out / result.get("submission", "submission.zip")
             if submission.exists():
                 tracking.log_artifact(uri, parent, submission)
@@ -304,11 +303,15 @@ def packaged_model_dir() -> Path:
 # ---------------------------------------------------------------- reporting
 
 
-def _record_stage(uri: str, run_id: str, result: dict) -> None:
+def record_stage(uri: str, run_id: str, result: dict, out: Path | None = None) -> None:
+    """A finished stage's metrics and seconds on its MLflow run; with `out` (evaluate's output
+    folder) its prediction files too."""
     metrics = dict(result.get("metrics", {}))
     if "seconds" in result:
         metrics["stage/seconds"] = result["seconds"]
     tracking.log_metrics(uri, run_id, metrics)
+    if out is not None and (out / result.get("predictions", "predictions")).is_dir():
+        tracking.log_artifacts(uri, run_id, out / result.get("predictions", "predictions"), "predictions")
 
 
 def _print_summary(planned, results, store, uri, parent, cfg, seconds) -> None:

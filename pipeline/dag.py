@@ -207,15 +207,7 @@ def execute_many(runs: list[tuple[list[PlannedStage], RunContext, dict[str, str]
         print("all stages cached; Ray not started")
         return outcomes
 
-    import ray  # only when something has to run: a fully cached re-run never starts Ray
-
-    if not ray.is_initialized():
-        local = ray_address is None
-        # A local Ray's workers import stages/ from this checkout; a cluster job brings its
-        # own working_dir (see `pipeline submit`), so it keeps the job's runtime_env.
-        env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}} if local else None
-        ray.init(address=ray_address, num_cpus=ray_num_cpus if local else None, include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=True, runtime_env=env)
+    ray = init_ray(ray_address, ray_num_cpus)  # only when something has to run: a cached re-run never starts Ray
     _check_resources(ray, [(p, ctx.cfg) for p, ctx, _, _ in todo.values()], local=ray_address is None)
 
     remote = ray.remote(_run_stage)
@@ -246,6 +238,25 @@ def execute_many(runs: list[tuple[list[PlannedStage], RunContext, dict[str, str]
                     f"(stages.{p.stage.name}.max_retries = {retries}): "
                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", p.stage.name, results)
     return outcomes
+
+
+def ray_address(cfg: PipelineConfig) -> str | None:
+    """The cluster to run on: RAY_ADDRESS, else ray.address; None is a local Ray in-process."""
+    return os.environ.get("RAY_ADDRESS") or cfg.ray.address
+
+
+def init_ray(address: str | None, num_cpus: int | None):
+    """Start (or join) Ray once per process; returns the ray module."""
+    import ray
+
+    if not ray.is_initialized():
+        local = address is None
+        # A local Ray's workers import stages/ from this checkout; a cluster job brings its
+        # own working_dir (see `pipeline submit`), so it keeps the job's runtime_env.
+        env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}} if local else None
+        ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=True, runtime_env=env)
+    return ray
 
 
 def _wait_quietly(ray, ref) -> None:

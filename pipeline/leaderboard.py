@@ -168,12 +168,16 @@ def choose_model(uri: str, registered_name: str, experiment_id: str, given: str 
     LookupError if none."""
     if given:
         return given_model(uri, given, tmp)
-    best = best_run_model(uri, experiment_id, smoke, store, tmp)
-    champion = None if smoke else champion_model(uri, registered_name, tmp)
-    if champion is not None and (champion.score is None or best is None or champion.score >= best.score):
-        return champion  # no score: a champion chosen by hand
+    champion = None if smoke else _champion_version(uri, registered_name)
+    floor = _float(champion.tags.get(METRIC)) if champion is not None else None
+    if champion is not None and floor is None:
+        return champion_model(uri, registered_name, tmp)  # no score: a champion chosen by hand
+    # Only a run that beats the champion is looked for (and downloaded); a tie keeps the champion.
+    best = best_run_model(uri, experiment_id, smoke, store, tmp, better_than=floor)
     if best is not None:
         return best
+    if champion is not None:
+        return champion_model(uri, registered_name, tmp)
     kind = "smoke " if smoke else ""
     raise LookupError(f"no model to submit: no registered model '{registered_name}' with alias '{CHAMPION}', and no "
                       f"finished {kind}pipeline run or tune trial with {METRIC} whose model can be found in the "
@@ -193,13 +197,20 @@ def given_model(uri: str, given: str, tmp: Path) -> ModelChoice:
     return ModelChoice(_download(uri, given, tmp), given, "--model", run_id, score)
 
 
-def champion_model(uri: str, name: str, tmp: Path) -> ModelChoice | None:
-    """The registered model version under the `champion` alias, downloaded; None when there is none."""
+def _champion_version(uri: str, name: str):
+    """The registered model version under the `champion` alias; None when there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = tracking.MlflowClient(uri).get_model_version_by_alias(name, CHAMPION)
+        return tracking.MlflowClient(uri).get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
+        return None
+
+
+def champion_model(uri: str, name: str, tmp: Path) -> ModelChoice | None:
+    """The registered model version under the `champion` alias, downloaded; None when there is none."""
+    version = _champion_version(uri, name)
+    if version is None:
         return None
     model_uri = f"models:/{name}@{CHAMPION}"
     score = _float(version.tags.get(METRIC))
@@ -207,9 +218,10 @@ def champion_model(uri: str, name: str, tmp: Path) -> ModelChoice | None:
                        version.run_id, score)
 
 
-def best_run_model(uri: str, experiment_id: str, smoke: bool, store: ArtifactStore, tmp: Path) -> ModelChoice | None:
+def best_run_model(uri: str, experiment_id: str, smoke: bool, store: ArtifactStore, tmp: Path,
+                   better_than: float | None = None) -> ModelChoice | None:
     """The FINISHED pipeline run, ablation variant or tune trial with the highest dev/overall whose
-    model still exists."""
+    model still exists (and whose dev/overall is above `better_than`, when given)."""
     client = tracking.MlflowClient(uri)
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
                               order_by=[f"metrics.`{METRIC}` DESC"], max_results=5000)
@@ -217,6 +229,8 @@ def best_run_model(uri: str, experiment_id: str, smoke: bool, store: ArtifactSto
         tags, score = run.data.tags, run.data.metrics.get(METRIC)
         if tags.get("stage") not in ("pipeline", "variant", "trial") or score is None or not math.isfinite(score):
             continue
+        if better_than is not None and score <= better_than:
+            break  # ordered best first: none of the rest beats it either
         if (tags.get("smoke") == "True") != smoke:
             continue
         if tags["stage"] == "trial":

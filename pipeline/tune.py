@@ -135,7 +135,7 @@ def cmd_tune(args) -> int:
         for p in planned if not (args.resume and p.cached)}
     try:
         results = dag.execute(planned, dag.RunContext(cfg, store.location, uri), stage_runs,
-                              os.environ.get("RAY_ADDRESS") or cfg.ray.address, cfg.ray.num_cpus)
+                              dag.ray_address(cfg), cfg.ray.num_cpus)
     except (dag.StageFailed, ValueError, KeyboardInterrupt) as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         for p in planned:
@@ -685,15 +685,7 @@ def _latest_search(tune_root: Path, space_path: Path, smoke: bool) -> Path | Non
 
 def _init_ray(cfg: PipelineConfig) -> None:
     """A local Ray in-process (or the cluster at ray.address), as `run` starts it."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
-    local = address is None
-    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}} if local else None
-    ray.init(address=address, num_cpus=cfg.ray.num_cpus if local else None, include_dashboard=False,
-             logging_level="WARNING", log_to_driver=True, runtime_env=env)
+    dag.init_ray(dag.ray_address(cfg), cfg.ray.num_cpus)
 
 
 def _reopen_run(uri: str, run_id: str) -> None:

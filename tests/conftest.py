@@ -1,6 +1,10 @@
 """Shared test fixtures: a tiny random-weight BERT folder and the path to the CS224N data."""
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,8 +34,6 @@ def pipeline_env(**extra) -> dict:
     """The environment the CLI tests run `python -m pipeline` in: this checkout, no tracking URI
     or Ray address leaking in from the shell, a short private Ray temp dir (Ray's socket paths
     have a length limit); extra variables on top."""
-    import tempfile
-
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
@@ -42,10 +44,6 @@ def pipeline_env(**extra) -> dict:
 
 def run_pipeline(work: Path, *args: str, timeout: int = 600, **extra_env):
     """Run `python -m pipeline ARGS...` in `work` to the end; its output is printed for pytest."""
-    import shutil
-    import subprocess
-    import sys
-
     env = pipeline_env(**extra_env)
     try:
         proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=work, env=env,
