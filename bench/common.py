@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.cli import packaged_model_dir, resolve_paths  # noqa: E402
+from pipeline.prepare import packaged_model_dir, resolve_paths  # noqa: E402
 from pipeline.config import PipelineConfig, apply_overrides, load_config  # noqa: E402
 
 

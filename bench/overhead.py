@@ -149,7 +149,7 @@ def probe_step(batch: int, length: int, threads: int) -> None:
     import torch
 
     from bench.common import base_config
-    from pipeline.cli import packaged_model_dir
+    from pipeline.prepare import packaged_model_dir
     from stages.finetune import _fused_adamw, _param_groups
     from stages.multitask_model import build_model
 

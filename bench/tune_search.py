@@ -32,10 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import dag, tracking  # noqa: E402
-from pipeline.cli import resolve_paths, smoke_config  # noqa: E402
+from pipeline.prepare import resolve_paths, smoke_config  # noqa: E402
 from pipeline.config import apply_overrides, flatten, load_config  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
-from pipeline.tune import PRE_STAGES, TrialContext, load_space, run_search, trial_records, trial_resources  # noqa: E402
+from pipeline.lifecycle import driver_tags  # noqa: E402
+from pipeline.search_space import load_space  # noqa: E402
+from pipeline.tuning import PRE_STAGES, TrialContext, run_search, trial_records, trial_resources  # noqa: E402
 
 SEARCHERS = ("optuna", "random")
 BENCH_OVERRIDES = {"data.max_rows": 256, "train.epochs": 4}  # on top of the smoke settings; --set wins
@@ -86,7 +88,7 @@ def bench(args, work: Path) -> int:
     base = TrialContext(
         cfg=cfg, space=space, inputs={p.stage.name: str(store.local_dir(p.stage.name, p.key)) for p in planned},
         tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent, git_commit="bench", ablation="none",
-        trials_dir="", resources=trial_resources(cfg), smoke=True, search="")
+        trials_dir="", resources=trial_resources(cfg), smoke=True, search="", driver=driver_tags())
 
     print(f"bench: {args.trials} trials x {len(SEARCHERS)} searchers x {args.repeats} repeats, "
           f"{len(space.params)} searched quantities from {Path(args.space).name}; smoke task, ASHA for both")

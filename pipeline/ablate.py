@@ -12,7 +12,7 @@ seed (tag stage=variant, ablation=<variant>, seed) with the same params as a pla
 per-epoch dev/train metrics at step = epoch and the final dev/* scores, `variant/seconds` (the
 compute of its stages, less those every variant shares) and `variant/peak_rss_mb` (the largest
 peak of those stages). A variant's stage runs nest under it; shared stages nest under the
-parent (tag shared_by). When all have finished, the comparison (pipeline/report.py: CSV, Markdown, bar and curve PNGs) is logged on
+parent (tag shared_by). When all have finished, the comparison (pipeline/comparison.py: CSV, Markdown, bar and curve PNGs) is logged on
 the parent under comparison/ and printed.
 """
 
@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import dag, report, tracking
-from pipeline.cli import REPO, artifacts_location, prepare_config, reachable_tracking_uri, record_stage
+from pipeline import comparison, dag, lifecycle, tracking
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config
+from pipeline.constants import METRIC, is_remote
 from pipeline.grids import load_grid
+from pipeline.prepare import artifacts_location, prepared_config
 from pipeline.store import ArtifactStore
 
 
@@ -43,7 +44,7 @@ class VariantRun:
     stage_runs: dict[str, str] | None = None
 
 
-def cmd_ablate(args) -> int:
+def main(args) -> int:
     config_path = Path(args.config).resolve()
     grid_path = Path(args.grid).resolve()
     config_dir = config_path.parent
@@ -57,20 +58,14 @@ def cmd_ablate(args) -> int:
         variants = {v: variants[v] for v in wanted}
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: must be at least 1")
-    store_location = artifacts_location(apply_overrides(apply_overrides(cfg, base), args.overrides), config_dir)
-    store = ArtifactStore(store_location)
+    store = ArtifactStore(artifacts_location(apply_overrides(apply_overrides(cfg, base), args.overrides), config_dir))
 
     runs: list[VariantRun] = []
     for name, overrides in variants.items():
-        variant_cfg = prepare_config(cfg, {**base, **overrides}, args.overrides, args.smoke, store_location, config_dir)
+        variant_cfg, _ = prepared_config(cfg, {**base, **overrides}, args.overrides, args.smoke, config_dir)
         for i in range(args.seeds):
             seeded = apply_overrides(variant_cfg, {"seed": variant_cfg.seed + i})
-            try:
-                planned = dag.plan(seeded, store, args.force)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            runs.append(VariantRun(name, seeded.seed, seeded, planned))
+            runs.append(VariantRun(name, seeded.seed, seeded, dag.plan(seeded, store, args.force)))
 
     users = _stage_users(runs)
     shared_by_all = {k for k, who in users.items() if len(who) == len(runs)}
@@ -82,106 +77,78 @@ def cmd_ablate(args) -> int:
         owner = "shared by all" if len(who) == len(runs) else ", ".join(sorted({_run_name(runs[i], args.seeds) for i in who}))
         print(f"  {stage:<13} {'cached' if cached else 'to run':<7} key {key}  ({owner})")
 
-    uri = reachable_tracking_uri(runs[0].cfg, config_dir)
-    if uri is None:
-        return 3
-    experiment_id = tracking.ensure_experiment(uri, runs[0].cfg.tracking.experiment)
-    commit = tracking.git_commit(REPO)
+    uri = lifecycle.tracking_uri_for(runs[0].cfg, config_dir)
     common = apply_overrides(cfg, args.overrides)
-    parent = tracking.start_run(
-        uri, experiment_id, f"ablation {name}",
-        {"stage": "ablation", "git_commit": commit, "ablation_grid": str(grid_path), "smoke": args.smoke,
-         "ablation_variants": ",".join(variants), "seeds": args.seeds, "config_file": str(config_path)},
-        params=flatten(common))
-    tracking.log_artifact(uri, parent, grid_path)
-    tracking.log_text(uri, parent, dump_yaml(common), "config.yaml")
-    for run in runs:
-        run.run_id = tracking.start_run(
-            uri, experiment_id, _run_name(run, args.seeds),
-            {"stage": "variant", "ablation": run.variant, "seed": run.seed, "git_commit": commit,
-             "smoke": args.smoke, "config_file": str(config_path), "ablation_grid": str(grid_path)},
-            parent_id=parent, params=flatten(run.cfg))
-    stage_runs: dict[tuple[str, str], str] = {}
-    for (stage, key), who in users.items():
-        shared = len(who) > 1
-        first = runs[who[0]]
-        p = next(p for p in first.planned if (p.stage.name, p.key) == (stage, key))
-        tags = {"stage": stage, "git_commit": commit, "cache_key": key, "cache_hit": p.cached,
-                "ablation": "shared" if shared else first.variant}
-        if shared:
-            tags["shared_by"] = ",".join(sorted({_run_name(runs[i], args.seeds) for i in who}))[:5000]
-        stage_runs[(stage, key)] = tracking.start_run(uri, experiment_id, stage, tags,
-                                                      parent_id=parent if shared else first.run_id,
-                                                      params=flatten(first.cfg))
-    for run in runs:
-        run.stage_runs = {p.stage.name: stage_runs[(p.stage.name, p.key)] for p in run.planned}
-
     start = time.time()
-    try:
+    with lifecycle.opened_runs(uri, runs[0].cfg.tracking.experiment) as mlflow_runs:
+        parent = mlflow_runs.start(
+            f"ablation {name}",
+            {"stage": "ablation", "ablation_grid": str(grid_path), "smoke": args.smoke,
+             "ablation_variants": ",".join(variants), "seeds": args.seeds, "config_file": str(config_path)},
+            params=flatten(common))
+        tracking.log_artifact(uri, parent, grid_path)
+        tracking.log_text(uri, parent, dump_yaml(common), "config.yaml")
+        for run in runs:
+            run.run_id = mlflow_runs.start(
+                _run_name(run, args.seeds),
+                {"stage": "variant", "ablation": run.variant, "seed": run.seed, "smoke": args.smoke,
+                 "config_file": str(config_path), "ablation_grid": str(grid_path)},
+                parent=parent, params=flatten(run.cfg))
+        stage_runs: dict[tuple[str, str], str] = {}
+        for (stage, key), who in users.items():
+            shared = len(who) > 1
+            first = runs[who[0]]
+            p = next(p for p in first.planned if (p.stage.name, p.key) == (stage, key))
+            tags = lifecycle.stage_tags(p, "shared" if shared else first.variant)
+            if shared:
+                tags["shared_by"] = ",".join(sorted({_run_name(runs[i], args.seeds) for i in who}))[:5000]
+            stage_runs[(stage, key)] = mlflow_runs.start(stage, tags, parent=parent if shared else first.run_id,
+                                                         params=flatten(first.cfg))
+        for run in runs:
+            run.stage_runs = {p.stage.name: stage_runs[(p.stage.name, p.key)] for p in run.planned}
+
+        # A variant that fails comes back as its StageFailed; only the driver's own failure
+        # (or Ctrl-C) raises, and then opened_runs ends every run still open.
         outcomes = dag.execute_many(
-            [(r.planned, dag.RunContext(r.cfg, store.location, uri), r.stage_runs) for r in runs],
+            [(r.planned, dag.RunContext(r.cfg, store.location, uri, label=_run_name(r, args.seeds).replace(" seed ", "/")),
+              r.stage_runs) for r in runs],
             dag.ray_address(runs[0].cfg), runs[0].cfg.ray.num_cpus)
-    except (Exception, KeyboardInterrupt) as e:  # Ctrl-C or the driver's own failure: no run stays RUNNING
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        _close_unfinished(uri, store, runs, stage_runs, parent, status, f"{type(e).__name__}: {e}")
-        print(f"\n{'interrupted' if status == 'KILLED' else f'error: {e}'}; MLflow parent run {parent} marked "
-              f"{status}; finished stages stay cached, so the same command continues from them.", file=sys.stderr)
-        return 130 if status == "KILLED" else 1
 
-    recorded: set[str] = set()  # stage runs already ended
-    failed = []
-    for run, outcome in zip(runs, outcomes):
-        results = outcome.results if isinstance(outcome, dag.StageFailed) else outcome
-        for p in run.planned:
-            stage_run = run.stage_runs[p.stage.name]
-            if stage_run in recorded:
+        failed = []
+        for run, outcome in zip(runs, outcomes):
+            failure = outcome if isinstance(outcome, dag.StageFailed) else None
+            results = failure.results if failure else outcome
+            lifecycle.end_stage_runs(mlflow_runs, store, run.planned, run.stage_runs, results, failure)
+            if failure:
+                failed.append(_run_name(run, args.seeds))
+                mlflow_runs.end(run.run_id, "FAILED", failure)
+                print(f"variant {_run_name(run, args.seeds)} failed: {str(failure).splitlines()[0]}", file=sys.stderr)
                 continue
-            if p.stage.name in results:
-                evaluated = store.local_dir("evaluate", p.key) if p.stage.name == "evaluate" else None
-                record_stage(uri, stage_run, results[p.stage.name], evaluated)
-                tracking.end_run(uri, stage_run)
-                recorded.add(stage_run)
-            elif isinstance(outcome, dag.StageFailed) and outcome.stage == p.stage.name:
-                if "error" not in tracking.get_tags(uri, stage_run):
-                    tracking.set_tags(uri, stage_run, {"error": str(outcome)[-4000:]})
-                tracking.end_run(uri, stage_run, "FAILED")
-                recorded.add(stage_run)
-        if isinstance(outcome, dag.StageFailed):
-            failed.append(_run_name(run, args.seeds))
-            tracking.set_tags(uri, run.run_id, {"error": str(outcome)[-4000:]})
-            for p in run.planned:  # stages that never started because an upstream one failed
-                if run.stage_runs[p.stage.name] not in recorded:
-                    tracking.end_run(uri, run.stage_runs[p.stage.name], "FAILED")
-                    recorded.add(run.stage_runs[p.stage.name])
-            tracking.end_run(uri, run.run_id, "FAILED")
-            print(f"variant {_run_name(run, args.seeds)} failed: {str(outcome).splitlines()[0]}", file=sys.stderr)
-            continue
-        _record_variant(uri, run, results, store, shared_by_all)
-        tracking.end_run(uri, run.run_id)
+            _record_variant(uri, run, results, store, shared_by_all)
+            mlflow_runs.end(run.run_id)
 
-    seconds = time.time() - start
-    _, groups = report.comparison(uri, parent)
-    out_dir = _comparison_dir(store, parent, name)
-    title = f"ablation {name}" + (f" ({args.seeds} seeds)" if args.seeds > 1 else "")
-    files = report.write_comparison(groups, out_dir, title)
-    for path in files:
-        tracking.log_artifact(uri, parent, path, "comparison")
-    base_group = next((g for g in groups if g.label == report.BASELINE), None)
-    best = max((g for g in groups if "dev/overall" in g.mean), key=lambda g: g.mean["dev/overall"], default=None)
-    tags = {"failed_variants": ",".join(failed)} if failed else {}
-    if best is not None:
-        tags["best_variant"] = best.label
-    tracking.set_tags(uri, parent, tags)
-    tracking.log_metrics(uri, parent, {"ablation/seconds": seconds, "ablation/variants_failed": len(failed),
-                                       **({"best/dev_overall": best.mean["dev/overall"]} if best else {}),
-                                       **({"baseline/dev_overall": base_group.mean["dev/overall"]}
-                                          if base_group and "dev/overall" in base_group.mean else {})})
-    tracking.end_run(uri, parent, "FAILED" if failed else "FINISHED")
+        seconds = time.time() - start
+        _, groups = comparison.comparison(uri, parent)
+        out_dir = _comparison_dir(store, parent, name)
+        title = f"ablation {name}" + (f" ({args.seeds} seeds)" if args.seeds > 1 else "")
+        for path in comparison.write_comparison(groups, out_dir, title):
+            tracking.log_artifact(uri, parent, path, "comparison")
+        base_group = next((g for g in groups if g.label == comparison.BASELINE), None)
+        best = max((g for g in groups if METRIC in g.mean), key=lambda g: g.mean[METRIC], default=None)
+        tags = {"failed_variants": ",".join(failed)} if failed else {}
+        if best is not None:
+            tags["best_variant"] = best.label
+        tracking.set_tags(uri, parent, tags)
+        tracking.log_metrics(uri, parent, {"ablation/seconds": seconds, "ablation/variants_failed": len(failed),
+                                           **({"best/dev_overall": best.mean[METRIC]} if best else {}),
+                                           **({"baseline/dev_overall": base_group.mean[METRIC]}
+                                              if base_group and METRIC in base_group.mean else {})})
+        mlflow_runs.end(parent, "FAILED" if failed else "FINISHED")
 
     print(f"\nablation {name} finished in {seconds:.1f} s"
           + (f"; {len(failed)} variant run(s) FAILED: {', '.join(failed)}" if failed else ""))
     print()
-    print(report.to_markdown(groups))
+    print(comparison.to_markdown(groups))
     print(f"comparison:    {out_dir} (also on the parent run's artifacts, comparison/)")
     print(f"MLflow:        parent run {parent} in experiment '{runs[0].cfg.tracking.experiment}' at {uri}")
     print(f"               python -m pipeline report {parent}" + (f" {args.config}" if args.config != "pipeline.yaml" else ""))
@@ -230,19 +197,9 @@ def _record_variant(uri: str, run: VariantRun, results: dict, store: ArtifactSto
     tracking.log_metrics(uri, run.run_id, final, step=epochs)
 
 
-def _close_unfinished(uri: str, store: ArtifactStore, runs: list[VariantRun], stage_runs: dict, parent: str,
-                      status: str, error: str) -> None:
-    for (stage, key), run_id in stage_runs.items():
-        tracking.end_run(uri, run_id, "FINISHED" if store.is_finished(stage, key) else status)
-    for run in runs:
-        tracking.end_run(uri, run.run_id, status)
-    tracking.set_tags(uri, parent, {"error": error[-4000:]})
-    tracking.end_run(uri, parent, status)
-
-
 def _comparison_dir(store: ArtifactStore, parent: str, name: str) -> Path:
     """Beside the stage outputs when the store is a local folder; a temp folder otherwise."""
-    if "://" in store.location:
+    if is_remote(store.location):
         return Path(tempfile.mkdtemp(prefix=f"ablation-{name}-"))
     return Path(store.location) / "ablations" / f"{name}-{parent[:8]}"
 

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-TASKS = ("sst", "para", "sts")
+from pipeline.constants import TASKS
+from pipeline.typed import build, check_value, did_you_mean, field_types, split_override
+from pipeline.yamlfile import ConfigError, read_yaml
 
-
-class ConfigError(ValueError):
-    """A config problem, with the place it comes from in the message."""
+__all__ = ["ConfigError", "PipelineConfig", "load_config", "apply_overrides", "validate", "get", "flatten",
+           "dump_yaml", "resolve_path", "SMOKE_OVERRIDES", "TASKS", "check_value", "did_you_mean", "field_types"]
 
 
 # ---------------------------------------------------------------- the config's shape
@@ -236,14 +234,8 @@ SMOKE_OVERRIDES = {
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     """Read a YAML config, apply `key=value` overrides, validate, return the typed config."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    raw, lines = _mapping_with_lines(root, str(path))
-    cfg = _build(PipelineConfig, raw, prefix="", where=lambda key: f"{path}:{lines.get(key, '?')}")
+    raw, lines = read_yaml(path, "config")
+    cfg = build(PipelineConfig, raw, prefix="", where=lambda key: f"{path}:{lines.get(key, '?')}")
     try:
         cfg = apply_overrides(cfg, overrides)
     except ConfigError as e:
@@ -267,8 +259,8 @@ def _with_line(message: str, path: Path, lines: dict[str, int]) -> str:
 
 def apply_overrides(cfg: PipelineConfig, overrides: list[str] | dict[str, Any]) -> PipelineConfig:
     """Return a copy of cfg with dotted overrides: ["train.lr=1e-4"] or {"train.lr": 1e-4}."""
-    cfg = _deepcopy(cfg)
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    cfg = copy.deepcopy(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides]
     for key, value in items:
         where = "--set" if not isinstance(overrides, dict) else "override"
         *parents, leaf = key.split(".")
@@ -398,135 +390,3 @@ def resolve_path(config_dir: Path, value: str) -> Path:
     """A config path relative to the config file's folder (absolute paths unchanged)."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (config_dir / p).resolve()
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls: type, raw: Any, prefix: str, where, default: Any = None) -> Any:
-    """Turn a mapping into dataclass `cls`, rejecting unknown keys and wrong types.
-
-    Keys the mapping leaves out keep `default`'s values: the parent field's own default, so
-    `mlm_pretrain: {num_cpus: 1}` stays disabled like the section it partly overrides."""
-    label = prefix.rstrip(".") or "top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where(prefix.rstrip('.'))}: {label}: expected a mapping, got {raw!r}")
-    types_ = field_types(cls)
-    for key in raw:
-        if key not in types_:
-            raise ConfigError(f"{where(prefix + str(key))}: unknown key '{prefix}{key}'" + did_you_mean(str(key), types_))
-    obj = copy.deepcopy(default) if default is not None else cls()
-    for name, tp in types_.items():
-        if name not in raw:
-            continue
-        key = prefix + name
-        if dataclasses.is_dataclass(tp):
-            setattr(obj, name, _build(tp, raw[name], key + ".", where, default=getattr(obj, name)))
-        else:
-            setattr(obj, name, check_value(tp, raw[name], key, where(key)))
-    return obj
-
-
-def check_value(tp: Any, value: Any, key: str, where: str, current: Any = None) -> Any:
-    """Check (and gently coerce) one leaf value against its annotation; a mapping given for a
-    section is merged into `current`, the section's present value."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return check_value(inner[0], value, key, where)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {key}: expected one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if dataclasses.is_dataclass(value):
-            return value
-        return _build(tp, value, key + ".", lambda _k: where, default=current)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
-        if not math.isfinite(number):  # nan slips through every range check (nan <= 0 is False)
-            raise ConfigError(f"{where}: {key}: expected a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
-        return [check_value(args[0], item, f"{key}[{i}]", where) for i, item in enumerate(value)]
-    raise ConfigError(f"{where}: {key}: unsupported type {tp}")
-
-
-def _split_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. train.lr=1e-4")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def did_you_mean(key: str, options) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _mapping_with_lines(node: yaml.Node | None, filename: str, prefix: str = ""):
-    """A plain dict from a composed YAML node, plus {dotted key: line number}."""
-    lines: dict[str, int] = {}
-
-    def convert(n, path):
-        if n is None:
-            return None
-        if isinstance(n, yaml.MappingNode):
-            out = {}
-            for k, v in n.value:
-                key = yaml.safe_load(yaml.serialize(k))
-                dotted = f"{path}.{key}" if path else str(key)
-                lines[dotted] = k.start_mark.line + 1
-                if key in out:
-                    raise ConfigError(f"{filename}:{k.start_mark.line + 1}: duplicate key '{dotted}'")
-                out[key] = convert(v, dotted)
-            return out
-        if isinstance(n, yaml.SequenceNode):
-            return [convert(v, path) for v in n.value]
-        return yaml.safe_load(yaml.serialize(n))
-
-    return convert(node, prefix), lines
-
-
-def _deepcopy(cfg):
-    import copy
-
-    return copy.deepcopy(cfg)

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, get
+from pipeline.config import ConfigError, PipelineConfig, get
+from pipeline.constants import REPO
 from pipeline.store import ArtifactStore
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, force: list[str] = ()) -> li
     """The enabled stages in order, each with its cache key and whether it can be skipped."""
     unknown = [f for f in force if f != "all" and f not in STAGE_NAMES]
     if unknown:
-        raise ValueError(f"--force {unknown[0]}: unknown stage; stages are {', '.join(STAGE_NAMES)} or all")
+        raise ConfigError(f"--force {unknown[0]}: unknown stage; stages are {', '.join(STAGE_NAMES)} or all")
     code = code_version()
     keys: dict[str, str] = {}
     planned, rerun, forced_names = [], set(), set()
@@ -172,6 +171,7 @@ class RunContext:
     store_location: str
     tracking_uri: str
     resume: bool = True  # a stage whose scratch holds a checkpoint of its key continues from it
+    label: str = ""  # which plan this is (an ablation's variant): shown in the Ray task's log prefix
 
 
 def execute(planned: list[PlannedStage], ctx: RunContext, stage_runs: dict[str, str],
@@ -195,12 +195,14 @@ def execute_many(runs: list[tuple[list[PlannedStage], RunContext, dict[str, str]
     """
     outcomes: list[dict | StageFailed] = []
     todo: dict[tuple[str, str], tuple[PlannedStage, RunContext, str, dict[str, str]]] = {}
+    users: dict[tuple[str, str], int] = {}
     for planned, ctx, stage_runs in runs:
         store = ArtifactStore(ctx.store_location)
         outcomes.append({p.stage.name: store.read_result(p.stage.name, p.key) for p in planned if p.cached})
         keys = {p.stage.name: p.key for p in planned}
         for p in planned:
             if not p.cached:
+                users[(p.stage.name, p.key)] = users.get((p.stage.name, p.key), 0) + 1
                 todo.setdefault((p.stage.name, p.key), (p, ctx, stage_runs[p.stage.name],
                                                         {n: keys[n] for n in p.inputs}))
     if not todo:
@@ -210,13 +212,15 @@ def execute_many(runs: list[tuple[list[PlannedStage], RunContext, dict[str, str]
     ray = init_ray(ray_address, ray_num_cpus)  # only when something has to run: a cached re-run never starts Ray
     _check_resources(ray, [(p, ctx.cfg) for p, ctx, _, _ in todo.values()], local=ray_address is None)
 
-    remote = ray.remote(_run_stage)
+    remote = ray.remote(run_stage)
     refs: dict[tuple[str, str], object] = {}
     for (name, key), (p, ctx, run_id, input_keys) in todo.items():  # upstream first: plans are in DAG order
         opts = getattr(ctx.cfg.stages, name)
         upstream = [refs[(n, k)] for n, k in input_keys.items() if (n, k) in refs]  # Ray waits for these first
+        # Ray prefixes a task's output with its name: "(finetune[pcgrad] pid=...)" tells variants apart.
+        label = f"{name}[{ctx.label}]" if ctx.label and users[(name, key)] == 1 else name
         refs[(name, key)] = remote.options(
-            name=name, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, max_retries=opts.max_retries,
+            name=label, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, max_retries=opts.max_retries,
         ).remote(name, key, input_keys, ctx, run_id, p.forced, *upstream)
 
     for i, (planned, ctx, _) in enumerate(runs):
@@ -268,9 +272,10 @@ def _wait_quietly(ray, ref) -> None:
         pass
 
 
-def _run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, run_id: str,
-               forced: bool = False, *_upstream) -> dict:
-    """Body of a stage's Ray task: under its key's lock, the stable scratch folder in (resumed
+def run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, run_id: str,
+              forced: bool = False, *_upstream) -> dict:
+    """One stage, here: the body of its Ray task, and what runs a small stage in the driver
+    (leaderboard's data_prep). Under its key's lock, the stable scratch folder in (resumed
     from its checkpoint or emptied), the published output and result out."""
     stage = next(s for s in STAGES if s.name == name)
     _use_reserved_cpus(getattr(ctx.cfg.stages, name).num_cpus)
@@ -380,7 +385,7 @@ def _check_resources(ray, todo: list[tuple[PlannedStage, PipelineConfig]], local
         opts = getattr(cfg.stages, p.stage.name)
         for resource, want in (("CPU", opts.num_cpus), ("GPU", opts.num_gpus)):
             if want > have.get(resource, 0):
-                raise ValueError(
+                raise ConfigError(
                     f"stages.{p.stage.name}.num_{resource.lower()}s = {want}, but the local Ray has "
                     f"{have.get(resource, 0):g} {resource}s; lower it with --set stages.{p.stage.name}."
                     f"num_{resource.lower()}s=... or run on a cluster (ray.address)")

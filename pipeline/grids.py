@@ -13,21 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides
+from pipeline.yamlfile import read_yaml
 
 
 def load_grid(path: str | Path, cfg: PipelineConfig | None = None) -> tuple[dict, dict[str, dict]]:
     """(base overrides, {variant name: overrides}); each variant validated on `cfg`."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: grid file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    lines = _key_lines(path)
+    raw, lines = read_yaml(path, "grid")
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a grid is a mapping with 'variants' (and optionally 'base')")
+    lines = {**lines, **{k.removeprefix("variants."): v for k, v in lines.items() if k.startswith("variants.")}}
     unknown = set(raw) - {"base", "variants"}
     if unknown:
         key = sorted(unknown)[0]
@@ -58,15 +55,3 @@ def variant_overrides(spec: str, cfg: PipelineConfig) -> tuple[str, dict]:
         raise ConfigError(f"--variant {spec}: no variant '{name}' in {file}; it has {', '.join(variants)}")
     return name, {**base, **variants[name]}
 
-
-def _key_lines(path: Path) -> dict[str, int]:
-    """Line of each top-level key and each variant name, for error messages."""
-    lines = {}
-    node = yaml.compose(path.read_text())
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            lines[k.value] = k.start_mark.line + 1
-            if k.value == "variants" and isinstance(v, yaml.MappingNode):
-                for vk, _ in v.value:
-                    lines[vk.value] = vk.start_mark.line + 1
-    return lines

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, apply_overrides, load_config, resolve_path
+from pipeline.constants import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 REMOTE_VERBS = ("run", "tune", "ablate", "leaderboard")
 FILE_OPTIONS = ("--space", "--grid")  # verb options naming a file the job must find in its working_dir
 # Never uploaded with the working_dir: the local environment, outputs, the MLflow store, git.
@@ -47,7 +47,7 @@ class JobSpec:
     notes: list[str]
 
 
-def cmd_submit(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     """The `submit` verb: argv is everything after `submit`. Returns the exit status."""
     args, verb_args = parse_args(argv)
     if not args.address:

@@ -144,6 +144,11 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """An ended run RUNNING again (a resumed search continues its parent run)."""
+    MlflowClient(uri).update_run(run_id, status="RUNNING")
+
+
 class StageLogger:
     """The `log(metrics, step=None)` callable a stage gets; picklable, so it crosses to Ray workers.
 

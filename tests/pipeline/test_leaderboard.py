@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import cli, tracking
 from pipeline.config import PipelineConfig, apply_overrides, load_config
-from pipeline.leaderboard import (best_run_model, check_tokenizer, choose_model, promote_champion,
-                                  read_ids, validate_submission)
+from pipeline.leaderboard import check_tokenizer
+from pipeline.registry import best_run_model, choose_model, promote_champion
+from pipeline.submission import read_ids, validate_submission
 from pipeline.store import ArtifactStore
 from stages import data_prep, finetune
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.report import RunRow, mean_curves, plot_bars, plot_curves, summarize, to_csv, to_markdown
+from pipeline.comparison import RunRow, mean_curves, plot_bars, plot_curves, summarize, to_csv, to_markdown
 
 
 def row(label, overall, sst=0.5, seed="1", status="FINISHED", seconds=10.0, peak=100.0, curve=None):

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from pipeline import cli
-from pipeline.schedule import MARKER, next_runs, on_calendar, parse_cron
+from pipeline.cron import next_runs, on_calendar, parse_cron
+from pipeline.schedule import MARKER
 from tests.conftest import REPO
 
 

@@ -9,8 +9,8 @@ import pytest
 from ray.tune.search import sample
 
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, load_config
-from pipeline.tune import (best_record, load_space, max_concurrent, optuna_searcher, startup_trials,
-                           trial_records, trial_resources)
+from pipeline.search_space import load_space
+from pipeline.tuning import best_record, max_concurrent, optuna_searcher, startup_trials, trial_records, trial_resources
 from tests.conftest import REPO
 
 
@@ -100,7 +100,7 @@ def test_sampled_values_become_plain_config_values(tmp_path):
     ("train.lr: {distribution: uniform, low: 0.1, high: 1}\ntrain.epochs: two\n",
      "space.yaml:2: train.epochs: expected an integer, got 'two'"),
     ("train.lr: {distribution: uniform, low: 0.1, high: 1}\ntrain.lr: 0.5\n",
-     "space.yaml:2: train.lr: duplicate key (first at line 1)"),
+     "space.yaml:2: duplicate key 'train.lr' (first at line 1)"),
     ("train.batch_size: [8, 16]\n", "space.yaml:1: train.batch_size: a list is not a distribution"),
     ("train.sampling: annealed\n", "space.yaml: nothing to search"),
     ("train.pcgrad: true\ntrain.lr: {distribution: uniform, low: 0.1, high: 1}\n",
