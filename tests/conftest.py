@@ -52,3 +52,37 @@ def run_pipeline(work: Path, *args: str, timeout: int = 600, **extra_env):
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     print(proc.stdout[-4000:], proc.stderr[-4000:])
     return proc
+
+
+def write_experiment(folder: Path, experiment: str, extra: str = "", data_dir: Path = SHARED_DATA,
+                     stages: str = "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n") -> Path:
+    """`folder/exp.yaml` for a CLI test: the shared data (its two bad Quora rows dropped), stages
+    on one CPU each (so two fit on this machine), its own MLflow experiment; `extra` YAML appended
+    (top-level sections, or more `tracking:` keys indented two spaces)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "exp.yaml"
+    path.write_text(f"# {experiment}: a test's config\n"
+                    f"data:\n  dir: {data_dir}\n  on_bad_rows: drop\n"
+                    f"stages:\n{stages}"
+                    f"tracking:\n  experiment: {experiment}\n{extra}")
+    return path
+
+
+def local_store(work: Path) -> str:
+    """The MLflow store a run in `work` logs to by default."""
+    return f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
+
+
+def mlflow_runs(store: str | Path, experiment: str):
+    """(client, every run of the experiment oldest first); `store` is a tracking URI or a workdir."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store if isinstance(store, str) else local_store(store))
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r} at {client.tracking_uri}"
+    return client, client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
+
+
+def children_of(runs, parent) -> dict:
+    """{stage tag: run} of the runs directly under `parent`."""
+    return {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}

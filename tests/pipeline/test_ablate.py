@@ -14,9 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_pipeline
+from tests.conftest import mlflow_runs, run_pipeline, write_experiment
 
 GRID = """# test grid: two variants
 variants:
@@ -65,11 +64,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, shared_data_dir, mlflow_server):
     work = tmp_path_factory.mktemp("ablate")
-    (work / "exp.yaml").write_text(
-        "# ablate test config\n"
-        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
-        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
-        f"tracking:\n  uri: {mlflow_server}\n  experiment: ablate-e2e\n")
+    write_experiment(work, "ablate-e2e", f"  uri: {mlflow_server}\n", shared_data_dir)
     (work / "grid.yaml").write_text(GRID)
     return work
 
@@ -83,9 +78,7 @@ def ablation(workdir):
 
 @pytest.fixture(scope="module")
 def runs(mlflow_server, ablation):
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("ablate-e2e")
-    all_runs = client.search_runs([experiment.experiment_id], max_results=500)
+    client, all_runs = mlflow_runs(mlflow_server, "ablate-e2e")
     parents = [r for r in all_runs if r.data.tags.get("stage") == "ablation"]
     assert len(parents) == 1
     return client, parents[0], all_runs
@@ -185,11 +178,7 @@ def test_mlflow_ui_compare_page_shows_the_variant_runs(mlflow_server, runs, tmp_
 
 
 def test_a_failing_variant_does_not_stop_the_others(tmp_path, shared_data_dir):
-    (tmp_path / "exp.yaml").write_text(
-        "# failing-variant test config\n"
-        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
-        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
-        "tracking:\n  experiment: ablate-fail\n")
+    write_experiment(tmp_path, "ablate-fail", data_dir=shared_data_dir)
     (tmp_path / "grid.yaml").write_text(
         "# one variant reads a data file that is not there\n"
         "variants:\n  baseline: {}\n  broken: {data.sst_train: no-such-file.csv}\n")
@@ -197,14 +186,11 @@ def test_a_failing_variant_does_not_stop_the_others(tmp_path, shared_data_dir):
     assert proc.returncode == 1
     assert "variant broken failed: stage data_prep failed" in proc.stderr
     assert "| baseline | 1/1 |" in proc.stdout and "| broken | 0/1 |" in proc.stdout
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("ablate-fail")
-    by_name = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])
-               if r.data.tags.get("stage") in ("ablation", "variant")}
+    client, all_runs = mlflow_runs(tmp_path, "ablate-fail")
+    by_name = {r.info.run_name: r for r in all_runs if r.data.tags.get("stage") in ("ablation", "variant")}
     assert by_name["baseline"].info.status == "FINISHED" and "dev/overall" in by_name["baseline"].data.metrics
     assert by_name["broken"].info.status == "FAILED" and "no-such-file.csv" in by_name["broken"].data.tags["error"]
     parent = by_name["ablation grid-smoke"]
     assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == "broken"
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "comparison")]
-    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
-    assert "RUNNING" not in statuses
+    assert "RUNNING" not in {r.info.status for r in all_runs}

@@ -1,9 +1,8 @@
 """End to end: the real CLI, `--smoke`, on a real local Ray and a real MLflow sqlite store."""
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_pipeline
+from tests.conftest import mlflow_runs, run_pipeline, write_experiment
 
 STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
 
@@ -11,12 +10,8 @@ STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, shared_data_dir):
     work = tmp_path_factory.mktemp("e2e")
-    (work / "exp.yaml").write_text(
-        "# smoke test config\n"
-        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
-        "stages:\n  mlm_pretrain: {enabled: true, num_cpus: 1}\n"
-        "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
-        "tracking:\n  experiment: e2e\n")
+    write_experiment(work, "e2e", data_dir=shared_data_dir, stages="  mlm_pretrain: {enabled: true, num_cpus: 1}\n"
+                     "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n")
     return work
 
 
@@ -31,14 +26,8 @@ def first_run(workdir):
     return proc
 
 
-def mlflow_runs(work):
-    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("e2e")
-    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-
-
 def test_smoke_run_records_parent_and_stage_runs(workdir, first_run):
-    client, runs = mlflow_runs(workdir)
+    client, runs = mlflow_runs(workdir, "e2e")
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 1
     parent = parents[0]
@@ -82,7 +71,7 @@ def test_second_identical_run_skips_every_stage(workdir, first_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("cached, skipped") == len(STAGES)
     assert "Ray not started" in proc.stdout
-    client, runs = mlflow_runs(workdir)
+    client, runs = mlflow_runs(workdir, "e2e")
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 2
     second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]

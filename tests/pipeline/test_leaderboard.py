@@ -19,6 +19,7 @@ from pipeline.registry import best_run_model, choose_model, promote_champion
 from pipeline.submission import read_ids, validate_submission
 from pipeline.store import ArtifactStore
 from stages import data_prep, finetune
+from tests.conftest import mlflow_runs
 
 ROWS = {"ids-sst-train.csv": 20, "ids-sst-dev.csv": 20, "ids-sst-test-student.csv": 20, "quora-dev.csv": 60,
         "sts-train.csv": 20, "sts-dev.csv": 20, "sts-test-student.csv": 20}
@@ -62,10 +63,8 @@ def work(tmp_path_factory, data_dir, tiny_model_dir):
 
 
 def boards(work) -> list:
-    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("lb")
-    return client.search_runs([experiment.experiment_id], filter_string="tags.leaderboard = 'true'",
-                              order_by=["attributes.start_time ASC"])
+    _, runs = mlflow_runs(work, "lb")
+    return [r for r in runs if r.data.tags.get("leaderboard") == "true"]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +96,7 @@ def test_writes_the_starter_files_zips_validates_and_logs(work, data_dir, submis
     (run,) = boards(work)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "leaderboard"
     assert run.data.metrics["submission/sst_test_rows"] == 20 and "dev/overall" in run.data.metrics
-    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    client, _ = mlflow_runs(work, "lb")
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"submission.zip", "validation.json", "predictions"} <= logged
     assert run.data.tags["submission_zip"] == str(submission / "submission.zip")

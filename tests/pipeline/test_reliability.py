@@ -11,15 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.store import ArtifactStore, StageLock
-from tests.conftest import REPO
+from tests.conftest import children_of, mlflow_runs, pipeline_env, write_experiment
 
 # finetune long enough (2 epochs of 120 steps on the tiny model, a few seconds) that a kill
 # lands mid-epoch, with a checkpoint every 20 steps.
@@ -31,27 +29,14 @@ STAGES = ("data_prep", "finetune", "evaluate")
 
 
 def make_workdir(root: Path, name: str, data_dir: Path, extra: str = "") -> Path:
-    work = root / name
-    work.mkdir()
-    (work / "exp.yaml").write_text(
-        f"data:\n  dir: {data_dir}\n  on_bad_rows: drop\n"
-        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
-        f"tracking:\n  experiment: reliability\n{extra}")
-    return work
+    write_experiment(root / name, "reliability", extra, data_dir)
+    return root / name
 
 
-def cli_env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    return env
-
-
-def start_cli(work: Path, *args) -> subprocess.Popen:
-    """`python -m pipeline run exp.yaml --smoke ARGS` in its own process group."""
-    env = cli_env()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "exp.yaml", "--smoke", *args],
+def start_cli(work: Path, *args, verb: str = "run") -> subprocess.Popen:
+    """`python -m pipeline VERB exp.yaml --smoke ARGS` in its own process group."""
+    env = pipeline_env()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", verb, "exp.yaml", "--smoke", *args],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     proc.ray_tmp = env["RAY_TMPDIR"]
@@ -83,17 +68,6 @@ def stage_result(work: Path, stage: str) -> dict:
 
 def dev_metrics(work: Path) -> dict:
     return stage_result(work, "evaluate")["metrics"]
-
-
-def mlflow_runs(work: Path):
-    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("reliability")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    return client, runs
-
-
-def children_of(runs, parent) -> dict:
-    return {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
 
 
 def wait_for(path_glob, root: Path, proc: subprocess.Popen, timeout: float = 240) -> Path:
@@ -230,7 +204,7 @@ def test_unreachable_tracking_server_with_local_fallback_keeps_going(reference):
     work, proc, port = reference
     assert "MLflow tracking server unreachable" in proc.stderr
     assert f"so this run logs to sqlite:///{work / 'mlruns' / 'mlflow.db'}" in proc.stderr
-    _, runs = mlflow_runs(work)
+    _, runs = mlflow_runs(work, "reliability")
     parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
     assert parent.info.status == "FINISHED"
     assert parent.data.params["tracking.uri"] == f"http://127.0.0.1:{port}"  # what was asked for
@@ -267,10 +241,21 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_the_uninterrupted_metrics(refere
     proc.wait()
     shutil.rmtree(proc.ray_tmp, ignore_errors=True)
     assert not list((work / "artifacts" / "finetune").glob("*/_SUCCESS"))
+    _, runs = mlflow_runs(work, "reliability")
+    killed = {r.info.run_id for r in runs}
+    assert {r.info.status for r in runs} == {"RUNNING", "FINISHED"}  # data_prep finished; nothing could close the rest
     time.sleep(0.5)
 
     proc = run_cli(work, *LONG_FINETUNE)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The re-run's first act: the dead driver's RUNNING runs are marked KILLED, with why.
+    _, runs = mlflow_runs(work, "reliability")
+    stale = [r for r in runs if r.info.run_id in killed and r.info.status != "FINISHED"]
+    assert stale and all(r.info.status == "KILLED" and r.data.tags["stale"] == "true" for r in stale)
+    assert {r.data.tags["stage"] for r in stale} == {"pipeline", "finetune", "evaluate"}
+    assert "ended without closing this run" in stale[0].data.tags["error"]
+    assert f"marked {len(stale)} run(s) KILLED whose driver process is gone" in proc.stderr
+    assert "RUNNING" not in {r.info.status for r in runs}
     assert "finetune: resuming from the checkpoint in" in proc.stdout + proc.stderr
     resumed_at = [line for line in (proc.stdout + proc.stderr).splitlines() if "finetune: resuming from " in line
                   and "at epoch" in line]
@@ -295,7 +280,7 @@ def test_killed_ray_worker_is_retried_with_the_attempt_recorded(reference, tmp_p
     os.kill(worker, signal.SIGKILL)  # the worker only: Ray sees it die and retries the task
     done = finish(proc)
     assert done.returncode == 0, done.stderr[-3000:]
-    _, runs = mlflow_runs(work)
+    _, runs = mlflow_runs(work, "reliability")
     parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
     finetune = children_of(runs, parent)["finetune"]
     assert finetune.data.tags["attempt"] == "2"
@@ -313,7 +298,7 @@ def test_failing_stage_marks_its_run_and_the_parent_failed(tmp_path, shared_data
     assert proc.returncode == 1
     assert "error: stage finetune failed:" in proc.stderr
     assert "no train split with rows and a non-zero loss weight" in proc.stderr
-    _, runs = mlflow_runs(work)
+    _, runs = mlflow_runs(work, "reliability")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
     children = children_of(runs, parent)
@@ -336,7 +321,7 @@ def test_two_runs_at_once_on_one_store_both_succeed_with_one_output_per_key(tmp_
         assert len([p for p in (work / "artifacts" / stage).iterdir()]) == 1, stage
     assert leftovers(work) == []
     assert "dev/overall" in dev_metrics(work)
-    _, runs = mlflow_runs(work)
+    _, runs = mlflow_runs(work, "reliability")
     parents = [r for r in runs if r.data.tags["stage"] == "pipeline"]
     assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in runs)
     # Both report the same dev scores: per stage, one run computed it and the other, having

@@ -8,10 +8,9 @@ import sys
 import time
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineConfig, flatten, load_config
-from tests.conftest import REPO, pipeline_env, run_pipeline
+from tests.conftest import REPO, mlflow_runs, pipeline_env, run_pipeline, write_experiment
 
 SPACE = REPO / "search_spaces" / "default.yaml"
 ASKED = ("loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alpha_start", "train.alpha_end",
@@ -21,11 +20,7 @@ ASKED = ("loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alp
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, shared_data_dir):
     work = tmp_path_factory.mktemp("tune")
-    (work / "exp.yaml").write_text(
-        "# tune test config\n"
-        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
-        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
-        "tracking:\n  experiment: tune-e2e\n")
+    write_experiment(work, "tune-e2e", data_dir=shared_data_dir)
     return work
 
 
@@ -35,19 +30,15 @@ def run_cli(work, verb, *args):
 
 @pytest.fixture(scope="module")
 def search(workdir):
-    proc = run_cli(workdir, "tune", "exp.yaml", "--space", str(SPACE), "--smoke", "--trials", "2", "--name", "t1")
+    # --set of a key the smoke settings also set (64): --set must win, as in every verb
+    proc = run_cli(workdir, "tune", "exp.yaml", "--space", str(SPACE), "--smoke", "--trials", "2", "--name", "t1",
+                   "--set", "train.eval_batch_size=32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def mlflow_runs(work):
-    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tune-e2e")
-    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-
-
 def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
-    client, runs = mlflow_runs(workdir)
+    client, runs = mlflow_runs(workdir, "tune-e2e")
     parents = [r for r in runs if r.data.tags.get("stage") == "tune"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
@@ -56,6 +47,9 @@ def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     assert [r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
             and r.data.tags["stage"] != "trial"] == ["data_prep"]  # prepared once, for every trial
+    data_prep = next(r for r in runs if r.data.tags.get("stage") == "data_prep")
+    assert data_prep.data.metrics["stage/seconds"] > 0  # recorded like any verb's stage run
+    assert data_prep.data.tags["driver_pid"] == parent.data.tags["driver_pid"]
 
     plain_names = set(flatten(PipelineConfig()))
     records = {json.loads(p.read_text())["trial_id"]: json.loads(p.read_text())
@@ -64,6 +58,8 @@ def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
         assert run.info.status == "FINISHED"
         assert set(run.data.params) == plain_names  # the compare view lines trials up with plain runs
         assert run.data.params["train.sampling"] == "annealed"  # the space's fixed value
+        assert run.data.params["train.eval_batch_size"] == "32"  # --set, over the smoke value
+        assert run.data.tags["driver_pid"] == parent.data.tags["driver_pid"]  # opened in a worker, for the driver
         assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["ablation"] == "none"
         record = records[run.data.tags["trial_id"]]
         for key, value in record["values"].items():
@@ -84,7 +80,7 @@ def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
 
 
 def test_best_config_is_ready_to_run_and_its_model_is_registered(workdir, search):
-    client, runs = mlflow_runs(workdir)
+    client, runs = mlflow_runs(workdir, "tune-e2e")
     parent = next(r for r in runs if r.data.tags.get("stage") == "tune")
     best_run = client.get_run(parent.data.tags["best_run_id"])
     assert best_run.data.tags["tune_best"] == "true"
@@ -115,11 +111,11 @@ def test_best_config_is_ready_to_run_and_its_model_is_registered(workdir, search
 
 
 def test_resume_of_a_finished_search_reruns_no_trial(workdir, search):
-    _, before = mlflow_runs(workdir)
+    _, before = mlflow_runs(workdir, "tune-e2e")
     proc = run_cli(workdir, "tune", "exp.yaml", "--space", str(SPACE), "--smoke", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming t1" in proc.stdout and "no trial was re-run" in proc.stdout
-    client, after = mlflow_runs(workdir)
+    client, after = mlflow_runs(workdir, "tune-e2e")
     assert len([r for r in after if r.data.tags.get("stage") == "trial"]) == 2
     assert len(client.search_model_versions("name='tune-e2e'")) == 1
 
@@ -132,7 +128,7 @@ def test_a_bad_space_is_an_error_before_anything_starts(workdir, tmp_path):
     assert f"{bad}:1: train.lr: low (0.001) must be below high (0.0001)" in proc.stderr
     assert not (workdir / "artifacts" / "tune" / "bad").exists()
     if (workdir / "mlruns" / "mlflow.db").exists():
-        _, runs = mlflow_runs(workdir)
+        _, runs = mlflow_runs(workdir, "tune-e2e")
         assert not [r for r in runs if r.info.run_name == "tune bad"]
 
 
@@ -158,13 +154,13 @@ def test_an_interrupted_search_resumes_without_redoing_finished_trials(workdir, 
     assert proc.returncode == 130, stderr[-3000:]
     assert "--resume --name r" in stderr
     done_before = {p.parent.name for p in trials_dir.glob("*/trial.json") if '"finished"' in p.read_text()}
-    client, runs = mlflow_runs(workdir)
+    client, runs = mlflow_runs(workdir, "tune-e2e")
     parent = next(r for r in runs if r.info.run_name == "tune r")
     assert parent.info.status == "KILLED"
 
     resumed = run_cli(workdir, "tune", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    client, runs = mlflow_runs(workdir)
+    client, runs = mlflow_runs(workdir, "tune-e2e")
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
