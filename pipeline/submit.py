@@ -14,6 +14,11 @@ lost. The job gets them as absolute `--set` overrides resolved on this machine, 
 verb's own --set (which still win). On a local cluster these are the same disk; on a remote
 one they must name storage every node reaches (a shared mount, or s3:// / gs:// for
 `artifacts`, an MLflow server for `tracking.uri`).
+
+Token authentication (Ray 2.60 turns it on for a `ray start --head` that finds a token): when
+the cluster answers 401/403 and a token is found here, the way Ray's own clients find one
+(RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token), submit sends it as
+`Authorization: Bearer ...`; with none, or a rejected one, it says what to set in one line.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ FILE_OPTIONS = ("--space", "--grid")  # verb options naming a file the job must 
 # Never uploaded with the working_dir: the local environment, outputs, the MLflow store, git.
 EXCLUDES = [".venv", "artifacts", "mlruns", "mlartifacts", ".git", ".pytest_cache", "**/__pycache__", "*.pyc"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+DEFAULT_TOKEN_PATH_TEXT = "~/.ray/auth_token"  # where Ray saves a token; named so in messages
 
 
 @dataclass
@@ -57,9 +63,11 @@ def main(argv: list[str]) -> int:
                     entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus)
     for note in spec.notes:
         print(f"submit: {note}")
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(args.address)
+    try:
+        client = connect(args.address)
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     submission_id = client.submit_job(
         entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, submission_id=args.submission_id,
         entrypoint_num_cpus=spec.entrypoint_num_cpus, entrypoint_num_gpus=spec.entrypoint_num_gpus,
@@ -77,6 +85,64 @@ def main(argv: list[str]) -> int:
         return 130
     print(f"job {submission_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
+
+
+class SubmitError(Exception):
+    """The cluster cannot be used as asked; its message is the one line `submit` prints."""
+
+
+def connect(address: str):
+    """A JobSubmissionClient for `address`, with a local token when the cluster wants one.
+
+    The first try sends what Ray itself would (nothing, unless RAY_AUTH_MODE=token here), so a
+    local token only goes to a cluster that asked for one."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        pass  # 401 (no token sent) or 403 (Ray sent one the cluster does not accept)
+    except ConnectionError as e:
+        raise SubmitError(f"no Ray cluster answers at {address} ({e}); is its dashboard up, and is "
+                          f"--address its dashboard URL (http://HEAD:8265)?") from None
+    token, source = local_token()
+    if token is None:
+        raise SubmitError(f"the Ray cluster at {address} requires token authentication and no token was found in "
+                          f"RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or {DEFAULT_TOKEN_PATH_TEXT}; set RAY_AUTH_TOKEN to "
+                          f"the cluster's token (`ray get-auth-token` on its head node prints it) or save it "
+                          f"in {DEFAULT_TOKEN_PATH_TEXT}")
+    try:
+        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
+    except AuthenticationError:
+        raise SubmitError(f"the Ray cluster at {address} requires token authentication and rejected the token "
+                          f"from {source}; set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on its "
+                          f"head node prints it)") from None
+
+
+def local_token() -> tuple[str | None, str]:
+    """(token, where it came from), in Ray's order: RAY_AUTH_TOKEN, else the file named by
+    RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; (None, "") when there is none. As in Ray, a
+    RAY_AUTH_TOKEN_PATH that cannot be read is an error, not a reason to look further."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:
+        path = Path(named).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={named}: cannot read the token ({e.strerror})") from None
+        if not token:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={named}: the file is empty")
+        return token, f"RAY_AUTH_TOKEN_PATH={named}"
+    path = Path.home() / ".ray" / "auth_token"
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None, ""
+    return (token, str(path)) if token else (None, "")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -115,11 +115,9 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
         metrics[f"{prefix}_rows"] = float(len(rows))
         metrics[f"{prefix}_dropped"] = float(dropped)
         metrics[f"{prefix}_truncated"] = float(truncated)
-        print(f"data_prep: {split_name}: {len(rows)} rows, {dropped} dropped, "
-              f"{truncated} sentences truncated to {cfg.data.max_length} tokens")
-        for line, _id, reason in entry["bad"][:MAX_DROPPED_EXAMPLES]:
-            print(f"data_prep:   dropped {entry['source']}:{line}: {reason}")
     metrics["data/dropped_rows"] = float(sum(len(s["bad"]) for s in splits.values()))
+    _print_summary(manifest_splits, [(splits[name]["source"], *bad) for name in _ordered(splits)
+                                     for bad in splits[name]["bad"]], cfg.data.max_length)
 
     manifest = {"max_length": cfg.data.max_length, "tokenizer": tokenizer_info, "splits": manifest_splits}
     manifest_path = out / "manifest.json"
@@ -249,6 +247,27 @@ def _hash_unit(row_id: str) -> float:
 def _resolve(data_dir: Path, name: str) -> Path:
     path = Path(name).expanduser()
     return path if path.is_absolute() else data_dir / path
+
+
+def _print_summary(manifest_splits: dict, bad: list, max_length: int) -> None:
+    """One line for every split's rows, dropped and truncated counts, then the first
+    MAX_DROPPED_EXAMPLES dropped rows: a run's log stays short (the per-split counts are in
+    the manifest and the data/* metrics), and a dropped row can still be found by its line."""
+    by_task: dict[str, list[str]] = {}
+    for name, entry in manifest_splits.items():
+        task, split = name.split("-")
+        by_task.setdefault(task, []).append(f"{split} {entry['rows']}")
+    rows = ", ".join(f"{task} {' '.join(parts)}" for task, parts in by_task.items())
+    dropped = {name: entry["dropped"] for name, entry in manifest_splits.items() if entry["dropped"]}
+    dropped_text = f"{sum(dropped.values())} dropped"
+    if dropped:
+        dropped_text += " (" + ", ".join(f"{name} {n}" for name, n in dropped.items()) + ")"
+    truncated = sum(entry["truncated"] for entry in manifest_splits.values())
+    print(f"data_prep: rows {rows}; {dropped_text}; {truncated} sentences truncated to {max_length} tokens")
+    for source, line, _id, reason in bad[:MAX_DROPPED_EXAMPLES]:
+        print(f"data_prep:   dropped {source}:{line}: {reason}")
+    if len(bad) > MAX_DROPPED_EXAMPLES:
+        print(f"data_prep:   ... and {len(bad) - MAX_DROPPED_EXAMPLES} more dropped rows")
 
 
 def _ordered(splits: dict) -> list[str]:

@@ -45,7 +45,6 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             file_name = f"{name}-output.csv"
             if name not in splits:
                 missing.append(file_name)
-                print(f"evaluate: no {name} split in {manifest_path}; {file_name} is not written")
                 continue
             split_path = data_dir / splits[name].get("file", f"{name}.arrow")
             split = load_split(split_path)
@@ -59,11 +58,13 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                     raise ValueError(f"{split_path}: dev split has no label column")
                 dev_preds[task], dev_golds[task] = preds, np.asarray(split.labels)
 
+    # One line each, not one per file or metric: the run's log stays short.
+    if missing:
+        print(f"evaluate: not written, no such split in {manifest_path}: {', '.join(missing)}")
     metrics = dev_metrics(dev_preds, dev_golds) if dev_preds else {}
     if metrics:
         log(metrics)
-    for key, value in metrics.items():
-        print(f"evaluate: {key} = {value:.4f}")
+        print("evaluate: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
 
     submission = out / "submission.zip"
     with zipfile.ZipFile(submission, "w", compression=zipfile.ZIP_DEFLATED) as zf:

@@ -11,6 +11,7 @@ ranking loss first. The optimizer is AdamW (layer-wise LR decay, optionally insi
 After each epoch every dev split is predicted and scored; the best epoch by dev/overall is
 saved to out/model (encoder as a HuggingFace BERT folder + heads), and out/history.json keeps
 the per-epoch metrics. Starts from mlm_pretrain's model when that stage ran, else cfg.model.dir.
+On the console (stages/progress.py): a line per quarter epoch, then the epoch's dev scores.
 
 Every train.checkpoint_every steps and at each epoch end the whole training state goes to
 out/checkpoint/ (stages/checkpoint.py); a run whose `out` already holds a checkpoint of the same
@@ -23,13 +24,11 @@ import json
 import math
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from stages import checkpoint, smart
 from stages.batches import bucketed_batches, load_split
@@ -37,6 +36,7 @@ from stages.device import autocast, pick_device
 from stages.metrics import dev_metrics
 from stages.multitask_model import batch_lengths, build_model, make_batch, mnr_loss, predict, save_multitask
 from stages.pcgrad import pcgrad_backward
+from stages.progress import Progress
 from stages.samplers import annealed_alpha, epoch_steps
 
 TASKS = ("sst", "para", "sts")
@@ -159,10 +159,9 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             loss_sums, loss_counts = dict(epoch_progress["loss_sums"]), dict(epoch_progress["loss_counts"])
             examples, seconds_before = epoch_progress["examples"], epoch_progress["seconds"]
         start = time.perf_counter()
-        bar = tqdm(steps[first_step:], desc=f"finetune epoch {epoch}/{tc.epochs}", unit="step", file=sys.stderr,
-                   initial=first_step, total=len(steps),
-                   mininterval=2.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-        for done, step in enumerate(bar, start=first_step + 1):
+        examples_before = examples  # a resumed epoch's examples were not seen in this attempt's time
+        progress = Progress(f"finetune epoch {epoch}/{tc.epochs}", total=len(steps), initial=first_step)
+        for done, step in enumerate(steps[first_step:], start=first_step + 1):
             task_losses = {}  # task -> the loss that task's gradient comes from (weighted)
             for task, idx in step:
                 batch = make_batch(task, train[task], idx, device, pair_encoding)
@@ -192,6 +191,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                 loss_counts[name] = loss_counts.get(name, 0) + 1
                 examples += len(idx)
             if not task_losses:
+                progress.update(done)  # the step still counts: the epoch's length is the plan's
                 continue  # an sts-only step whose batch had too few MNR positives
             if tc.pcgrad:
                 pcgrad_backward(task_losses, trainable, rng)
@@ -205,13 +205,13 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             if proximal is not None:
                 smart.update_proximal(proximal, model, sc.proximal_beta)
 
-            # refresh=False: the bar redraws on its own mininterval, not on every step
-            bar.set_postfix(loss=f"{value:.3f}", ex_s=f"{examples / (time.perf_counter() - start):.0f}",
-                            refresh=False)
+            elapsed = time.perf_counter() - start
+            progress.update(done, f"{(examples - examples_before) / elapsed:.1f} ex/s" if elapsed > 0 else "",
+                            _loss_summary(loss_sums, loss_counts))
             if tc.checkpoint_every and (steps_before + done) % tc.checkpoint_every == 0 and done < len(steps):
                 save_checkpoint((epoch, done), {"loss_sums": loss_sums, "loss_counts": loss_counts, "examples": examples,
                                                 "seconds": seconds_before + time.perf_counter() - start})
-        bar.close()
+        progress.close()
         seconds = seconds_before + time.perf_counter() - start
         total_examples += examples
         total_seconds += seconds
@@ -230,9 +230,11 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
 
         score = _selection_score(metrics)
         # Without any dev split there is nothing to choose by: the last epoch is kept.
-        if best is None or score is None or score > best[0]:
+        saved_best = best is None or score is None or score > best[0]
+        if saved_best:
             best = (score, epoch)
             _save_atomically(model, out / "model", encoder_dir)
+        print(_epoch_line(epoch, tc.epochs, metrics, saved_best and score is not None and tc.epochs > 1), flush=True)
         save_checkpoint((epoch + 1, 0), None)
 
     result_metrics = {"best/epoch": float(best[1]),
@@ -269,6 +271,23 @@ def _load_splits(data_dir: Path, split: str) -> dict:
             raise FileNotFoundError(f"{path}: listed in {manifest_path} under '{key}' but missing")
         splits[task] = load_split(path)
     return splits
+
+
+def _loss_summary(loss_sums: dict, loss_counts: dict) -> str:
+    """The epoch's mean training loss so far per loss name (the train/loss_* it will log),
+    e.g. "loss sst 1.502 para 0.671 sts 2.310"; one step's loss alone is too noisy to read."""
+    if not loss_sums:
+        return ""
+    names = sorted(loss_sums, key=lambda name: (TASKS.index(name.split("_")[0]), name))  # sst, para, sts, sts_mnr
+    return "loss " + " ".join(f"{name} {loss_sums[name] / loss_counts[name]:.3f}" for name in names)
+
+
+def _epoch_line(epoch: int, epochs: int, metrics: dict, best: bool) -> str:
+    """The line printed after an epoch's dev evaluation, e.g.
+    "finetune: epoch 1/2: sst 0.447 para 0.737 sts 0.322 overall 0.615 (best)"."""
+    names = {"dev/sst_acc": "sst", "dev/para_acc": "para", "dev/sts_corr": "sts", "dev/overall": "overall"}
+    scores = " ".join(f"{short} {metrics[key]:.3f}" for key, short in names.items() if key in metrics)
+    return f"finetune: epoch {epoch}/{epochs}: {scores or 'no dev split to score'}{' (best)' if best else ''}"
 
 
 def _fused_adamw(device: torch.device) -> bool:

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from stages import checkpoint
 from stages.batches import Split, bucketed_batches, load_split, pad_batch
 from stages.device import autocast, pick_device
 from stages.encoder import load_bert, save_bert
+from stages.progress import Progress
 
 # (task, column) pairs whose sentences are the pretraining text: train splits only.
 TRAIN_TEXT = (("sst", "input_ids"), ("para", "input_ids_1"), ("para", "input_ids_2"),
@@ -115,7 +115,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             "window_steps": window_steps, "tokens_seen": tokens_seen})
 
     started = time.perf_counter()
-    progress = tqdm(total=total_steps, initial=step, desc="mlm_pretrain", unit="step", mininterval=2.0)
+    tokens_before = tokens_seen  # a resumed run's earlier tokens were not seen in this attempt's time
+    progress = Progress("mlm_pretrain", total=total_steps, initial=step)
     while epoch < cfg.mlm.epochs and step < total_steps:
         epoch += 1
         model.train()
@@ -141,9 +142,11 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             tokens_seen += int(attention_mask.sum())
             window_loss += loss_value
             window_steps += 1
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}",
-                                 tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}", refresh=False)
+            elapsed = time.perf_counter() - started
+            # The loss since the last logged mlm/train_loss: a window, less noisy than one step's.
+            progress.update(step, f"epoch {epoch}/{cfg.mlm.epochs}",
+                            f"{(tokens_seen - tokens_before) / elapsed:.0f} tok/s" if elapsed > 0 else "",
+                            f"loss {window_loss / window_steps:.3f}")
             if step % LOG_EVERY == 0:
                 log({"mlm/train_loss": window_loss / window_steps}, step=step)
                 window_loss, window_steps = 0.0, 0

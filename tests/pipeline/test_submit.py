@@ -1,6 +1,7 @@
 """`python -m pipeline submit`: the job it builds, and a real `--smoke` run through the Ray Jobs API
 on a local cluster this test starts (on 127.0.0.1, its own temp dir and ports) and stops (only
-its own processes: `ray stop` would stop every Ray on the machine)."""
+its own processes: `ray stop` would stop every Ray on the machine); the same on a cluster with
+token authentication, with the token found locally, missing, or wrong."""
 
 import os
 import shlex
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
-from pipeline.submit import EXCLUDES, job_spec, parse_args, requirement_lines
+from pipeline.submit import EXCLUDES, SubmitError, job_spec, local_token, parse_args, requirement_lines
 from tests.conftest import REPO
 
 
@@ -78,6 +80,26 @@ def test_grid_and_space_files_are_found_from_the_jobs_working_dir(tmp_path, monk
     assert any("space.yaml is outside the uploaded folder" in n for n in spec.notes)
 
 
+def test_a_local_token_is_found_where_ray_looks_in_rays_order(tmp_path, monkeypatch):
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert local_token() == (None, "")
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "home" / ".ray" / "auth_token").write_text("from-home\n")
+    assert local_token() == ("from-home", str(tmp_path / "home" / ".ray" / "auth_token"))
+    (tmp_path / "token").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert local_token() == ("from-path", f"RAY_AUTH_TOKEN_PATH={tmp_path / 'token'}")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert local_token() == ("from-env", "RAY_AUTH_TOKEN")
+    # As in Ray, a RAY_AUTH_TOKEN_PATH naming nothing readable is an error, not a fall-through.
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(SubmitError, match="RAY_AUTH_TOKEN_PATH=.*missing: cannot read the token"):
+        local_token()
+
+
 # ---------------------------------------------------------------- a real local cluster
 
 
@@ -90,14 +112,14 @@ def free_port() -> int:
 class LocalCluster:
     """`ray start --head --block` on loopback in its own session; `stop` ends only its processes."""
 
-    def __init__(self, num_cpus: int = 2):
+    def __init__(self, num_cpus: int = 2, env: dict | None = None):
         self.temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Unix socket paths are limited
         self.dashboard_port = free_port()
         ports = {"port": free_port(), "dashboard-port": self.dashboard_port, "ray-client-server-port": free_port(),
                  "node-manager-port": free_port(), "object-manager-port": free_port(),
                  "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
                  "metrics-export-port": free_port(), "runtime-env-agent-port": free_port()}
-        self.env = cluster_env()
+        self.env = env or cluster_env()
         command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                    "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={self.temp_dir}",
                    f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true",
@@ -115,6 +137,8 @@ class LocalCluster:
             try:
                 urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
                 return
+            except urllib.error.HTTPError:
+                return  # it answered: 401 from a cluster with token authentication
             except OSError:
                 time.sleep(1)
         raise TimeoutError(f"the local Ray's dashboard did not answer at {self.address} in {timeout} s")
@@ -165,6 +189,54 @@ def cluster_env() -> dict:
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTHONPATH"):
         env.pop(name, None)
     return env
+
+
+def test_a_token_cluster_takes_the_local_token_and_without_one_submit_says_what_to_set(tmp_path, shared_data_dir):
+    """A cluster with RAY_AUTH_MODE=token whose token is in its ~/.ray/auth_token, as after
+    `ray start --head` on a machine with a token; submit from the same HOME finds it there.
+    Before the module's other cluster starts, so that two never run at once."""
+    home, empty_home = tmp_path / "home", tmp_path / "empty-home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("pipeline-test-" + os.urandom(16).hex())
+    empty_home.mkdir()
+    (tmp_path / "exp.yaml").write_text(
+        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
+        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
+        "tracking:\n  experiment: token-cluster\n")
+    env = {**cluster_env(), "RAY_AUTH_MODE": "token", "HOME": str(home)}
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    local = LocalCluster(num_cpus=2, env=env)
+    try:
+        local.wait_until_up()
+
+        def submit(home_dir, *verb, **extra):
+            client_env = {**env, "HOME": str(home_dir), "PYTHONPATH": str(REPO), **extra}
+            client_env.pop("RAY_AUTH_MODE")  # the submitting shell's default: Ray sends no token itself
+            proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "exp.yaml", "--address", local.address,
+                                   *verb], cwd=tmp_path, env=client_env, capture_output=True, text=True, timeout=900)
+            print(proc.stdout[-4000:], proc.stderr[-3000:])
+            return proc
+
+        missing = submit(empty_home, "run", "--smoke")
+        assert missing.returncode == 1 and "Traceback" not in missing.stderr
+        errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: the Ray cluster at {local.address} requires token authentication and no token "
+                          f"was found in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; set RAY_AUTH_TOKEN "
+                          f"to the cluster's token (`ray get-auth-token` on its head node prints it) or save it in "
+                          f"~/.ray/auth_token"], missing.stderr
+
+        wrong = submit(empty_home, "run", "--smoke", RAY_AUTH_TOKEN="not-the-token")
+        assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+        assert (f"error: the Ray cluster at {local.address} requires token authentication and rejected the token "
+                f"from RAY_AUTH_TOKEN;") in wrong.stderr
+
+        found = submit(home, "run", "--smoke")
+        assert found.returncode == 0, found.stderr[-3000:]
+        assert "submitted job raysubmit_" in found.stdout and "dev/overall" in found.stdout  # followed to the end
+        assert len(list((tmp_path / "artifacts" / "evaluate").glob("*/submission.zip"))) == 1
+    finally:
+        local.stop()
 
 
 @pytest.fixture(scope="module")

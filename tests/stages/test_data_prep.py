@@ -243,7 +243,7 @@ def test_bad_row_dropped_and_counted(tmp_path, task, bad_line, problem, capsys):
     assert f"{tmp_path / name}:3: {problem}" in capsys.readouterr().out
 
 
-def test_drop_counts_several_splits_and_prints_at_most_five_examples(tmp_path, capsys):
+def test_drop_counts_several_splits_and_prints_one_summary_and_at_most_five_examples(tmp_path, capsys):
     bad_train = [f"{i}\tb{i}\t good\t9" for i in range(7)]
     write(tmp_path, "train.csv", sst_rows(3) + bad_train)
     write(tmp_path, "dev.csv", [SST_HEADER, "0\td1\t good\t1", "1\td1\t bad\t1", "2\td2\t\t1"])
@@ -254,11 +254,12 @@ def test_drop_counts_several_splits_and_prints_at_most_five_examples(tmp_path, c
     assert (metrics["data/sst_train_rows"], metrics["data/sst_train_dropped"]) == (3, 7)
     assert (metrics["data/sst_dev_rows"], metrics["data/sst_dev_dropped"]) == (1, 2)
     assert metrics["data/dropped_rows"] == 9
-    printed = capsys.readouterr().out
-    assert "sst-train: 3 rows, 7 dropped, 0 sentences truncated" in printed
-    assert printed.count("train.csv:") == 5  # examples capped at 5
-    assert f"{tmp_path / 'train.csv'}:5: sentiment '9'" in printed
-    assert f"{tmp_path / 'dev.csv'}:3: duplicate id 'd1' (first on line 2)" in printed
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == ("data_prep: rows sst train 3 dev 1; 9 dropped (sst-train 7, sst-dev 2); "
+                          "0 sentences truncated to 128 tokens")
+    # The first five dropped rows in split order (train's lines 5..9), then how many more.
+    assert printed[1:] == [f"data_prep:   dropped {tmp_path / 'train.csv'}:{line}: sentiment '9' is not an integer 0..4"
+                           for line in range(5, 10)] + ["data_prep:   ... and 4 more dropped rows"]
 
 
 def test_split_with_no_valid_rows_is_an_error(tmp_path):

@@ -113,6 +113,18 @@ def test_missing_quora_test_is_reported_not_written(evaluated, capsys):
     assert sorted(p.name for p in (out / "predictions").iterdir()) == sorted(f"{n}-output.csv" for n in WRITTEN)
 
 
+def test_prints_one_line_of_missing_files_and_one_of_dev_metrics(prepared, finetuned, tiny_model_dir, tmp_path,
+                                                                capsys):
+    logged = []
+    evaluate.run(_cfg(prepared, tiny_model_dir), {"data_prep": prepared, "finetune": finetuned}, tmp_path,
+                 lambda m, step=None: logged.append(m))
+    metrics = logged[0]
+    assert capsys.readouterr().out.splitlines() == [
+        f"evaluate: not written, no such split in {prepared / 'manifest.json'}: para-test-output.csv",
+        f"evaluate: dev/sst_acc {metrics['dev/sst_acc']:.4f}, dev/para_acc {metrics['dev/para_acc']:.4f}, "
+        f"dev/sts_corr {metrics['dev/sts_corr']:.4f}, dev/overall {metrics['dev/overall']:.4f}"]
+
+
 def test_submission_zip_holds_the_prediction_files(evaluated):
     out, result, _ = evaluated
     assert result["submission"] == str(out / "submission.zip")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from stages import data_prep, finetune
 from stages.finetune import _linear_warmup_decay, _param_groups, _RunningLossScale
 from stages.multitask_model import load_multitask, predict
 from stages.batches import load_split
+from tests.stages.test_checkpoint import run_killed_after
 
 
 def _cfg(data_dir, model_dir, **overrides):
@@ -57,6 +59,57 @@ def test_two_epochs_write_history_and_a_loadable_best_model(prepared, shared_dat
     assert np.mean(preds == sst_dev.labels) == pytest.approx(best["dev/sst_acc"])
     assert (tmp_path / "model" / "tokenizer.json").is_file()
     assert not (tmp_path / "model.tmp").exists()
+
+
+def _progress_lines(printed: str, epoch: int) -> list[str]:
+    return [line for line in printed.splitlines() if line.startswith(f"finetune epoch {epoch}/2: ")]
+
+
+def _dev_line(epoch: int, metrics: dict, best: bool) -> str:
+    return (f"finetune: epoch {epoch}/2: sst {metrics['dev/sst_acc']:.3f} para {metrics['dev/para_acc']:.3f} "
+            f"sts {metrics['dev/sts_corr']:.3f} overall {metrics['dev/overall']:.3f}{' (best)' if best else ''}")
+
+
+# 48 rows of each task in batches of 16: 9 steps an epoch, so the quarter marks (2.25, 4.5,
+# 6.75, 9) are reached at steps 3, 5, 7 and 9.
+QUARTERS = ["33% (3/9 steps)", "55% (5/9 steps)", "77% (7/9 steps)", "100% (9/9 steps)"]
+
+
+def test_prints_a_line_per_quarter_epoch_and_the_dev_scores_after_each_epoch(prepared, shared_data_dir,
+                                                                           tiny_model_dir, tmp_path, capsys):
+    cfg = _cfg(shared_data_dir, tiny_model_dir)
+    result, logged = _run(cfg, prepared, tmp_path)
+    printed = capsys.readouterr().out  # not a TTY: the plain lines a log file gets
+    assert "\r" not in printed and "" not in printed.splitlines()
+    history = json.loads((tmp_path / "history.json").read_text())
+    best_epoch = result["metrics"]["best/epoch"]
+    expected = []
+    for row in history:
+        epoch = row["epoch"]
+        lines = _progress_lines(printed, epoch)
+        assert [line.split(", ")[0] for line in lines] == [f"finetune epoch {epoch}/2: {q}" for q in QUARTERS]
+        # The rate, then the epoch's mean loss so far of each task trained so far.
+        assert all(re.fullmatch(r".*, \d+\.\d ex/s, loss( (sst|para|sts) \d+\.\d{3})+", line) for line in lines), lines
+        # The last line's losses are the epoch's means, as logged.
+        assert lines[-1].endswith(f"loss sst {row['train/loss_sst']:.3f} para {row['train/loss_para']:.3f} "
+                                  f"sts {row['train/loss_sts']:.3f}")
+        # Epoch 1 is always saved; "(best)" marks a later epoch only when it beat the earlier ones.
+        expected += lines + [_dev_line(epoch, row, best=epoch == 1 or epoch == best_epoch)]
+    assert [line for line in printed.splitlines() if line.startswith("finetune")] == expected
+
+
+def test_a_resumed_epoch_prints_only_the_quarters_after_its_checkpoint(prepared, shared_data_dir, tiny_model_dir,
+                                                                      tmp_path, capsys):
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.checkpoint_every": 3})
+    run_killed_after(8, finetune.run, cfg, {"data_prep": prepared}, tmp_path, lambda *a, **k: None)
+    capsys.readouterr()
+    _run(cfg, prepared, tmp_path)  # resumes at epoch 1 after 6 of its 9 steps
+    printed = capsys.readouterr().out
+    assert "after 6 of its steps" in printed
+    assert [line.split(", ")[0] for line in _progress_lines(printed, 1)] == [
+        "finetune epoch 1/2: 77% (7/9 steps)", "finetune epoch 1/2: 100% (9/9 steps)"]
+    assert len(_progress_lines(printed, 2)) == 4
+    assert re.search(r"^finetune: epoch 1/2: sst .* overall \d\.\d{3}", printed, re.M)
 
 
 def test_same_seed_gives_identical_dev_metrics(prepared, shared_data_dir, tiny_model_dir, tmp_path):

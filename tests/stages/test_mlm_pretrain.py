@@ -1,6 +1,7 @@
 """mlm_pretrain: BERT masking statistics, the tied MLM head against HuggingFace's, a tiny run."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -185,10 +186,17 @@ def test_tiny_run_lowers_heldout_perplexity_and_saves_a_loadable_encoder(prepare
     assert not torch.equal(trained.embeddings.word_embeddings.weight, start.embeddings.word_embeddings.weight)
 
 
-def test_max_steps_stops_early(prepared, tiny_model_dir, tmp_path):
+def test_max_steps_stops_early(prepared, tiny_model_dir, tmp_path, capsys):
     cfg = _cfg(prepared, tiny_model_dir, **{"mlm.epochs": 5, "mlm.batch_size": 16, "mlm.max_steps": 3})
     logged = []
     result = mlm_pretrain.run(cfg, {"data_prep": prepared}, tmp_path, lambda m, step=None: logged.append((m, step)))
     assert result["metrics"]["mlm/steps"] == 3
     # Stopped inside epoch 1: held-out measured before training and after that one partial epoch.
     assert [s for m, s in logged if "mlm/heldout_loss" in m] == [0, 1]
+    # Progress over the 3 steps of the run (not a TTY: plain lines), then the epoch's perplexity.
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mlm_pretrain: ")]
+    assert [line.split(", ")[:2] for line in printed[2:5]] == [
+        ["mlm_pretrain: 33% (1/3 steps)", "epoch 1/5"], ["mlm_pretrain: 66% (2/3 steps)", "epoch 1/5"],
+        ["mlm_pretrain: 100% (3/3 steps)", "epoch 1/5"]]
+    assert all(re.fullmatch(r".*, \d+ tok/s, loss \d+\.\d{3}", line) for line in printed[2:5]), printed
+    assert printed[5].startswith("mlm_pretrain: epoch 1: held-out perplexity ") and len(printed) == 6
