@@ -113,6 +113,7 @@ def main(args) -> int:
             [(r.planned, dag.RunContext(r.cfg, store.location, uri, label=_run_name(r, args.seeds).replace(" seed ", "/")),
               r.stage_runs) for r in runs],
             dag.ray_address(runs[0].cfg), runs[0].cfg.ray.num_cpus)
+        dag.stop_ray()
 
         failed = []
         for run, outcome in zip(runs, outcomes):

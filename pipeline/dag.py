@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -253,6 +254,8 @@ def init_ray(address: str | None, num_cpus: int | None):
     """Start (or join) Ray once per process; returns the ray module."""
     import ray
 
+    if not sys.stdout.isatty():  # a log file: worker lines without ANSI colour codes around their prefix
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if not ray.is_initialized():
         local = address is None
         # A local Ray's workers import stages/ from this checkout; a cluster job brings its
@@ -264,6 +267,15 @@ def init_ray(address: str | None, num_cpus: int | None):
         except ConnectionError as e:  # no cluster at that address: say which setting named it
             raise ConfigError(f"ray.address (or RAY_ADDRESS) {address}: {e}") from None
     return ray
+
+
+def stop_ray() -> None:
+    """Shut down this process's Ray, if it started one: the workers' last forwarded lines (their
+    final scores) reach the console before the verb's summary, not after it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _wait_quietly(ray, ref) -> None:

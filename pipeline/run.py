@@ -50,6 +50,7 @@ def main(args) -> int:
         final = results.get("evaluate", results.get("finetune", {})).get("metrics", {})
         tracking.log_metrics(uri, parent, {**final, "pipeline/seconds": time.time() - start})
         runs.end(parent)
+    dag.stop_ray()
     _print_summary(planned, results, store, uri, parent, cfg, time.time() - start)
     return 0
 

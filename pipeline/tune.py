@@ -112,12 +112,12 @@ def main(args) -> int:
         except KeyboardInterrupt:  # a second Ctrl-C; the first one ends Tune's loop gracefully
             outcome = "interrupted"
         except BaseException:  # the trial runs were opened in Ray workers: close the ones left open
-            _stop_ray()
+            dag.stop_ray()
             for record in trial_records(exp_dir / "trials"):
                 if record["status"] == "running":
                     close_trial(uri, exp_dir / "trials" / record["trial_id"], "failed", "FAILED")
             raise
-        _stop_ray()  # flushes the trials' forwarded output before the summary
+        dag.stop_ray()  # flushes the trials' forwarded output before the summary
         records = trial_records(exp_dir / "trials")
         if outcome == "interrupted":
             for record in records:
@@ -237,13 +237,6 @@ def _latest_search(tune_root: Path, space_path: Path, smoke: bool) -> Path | Non
         if state.get("space_file") == str(space_path) and state.get("smoke") == smoke:
             found.append(path)
     return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
-
-
-def _stop_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def _write_state(exp_dir: Path, state: dict) -> None:
