@@ -23,7 +23,7 @@ from pipeline import tracking
 from pipeline.constants import DEV_METRICS, METRIC
 
 METRICS = DEV_METRICS
-SHORT = {"dev/sst_acc": "sst_acc", "dev/para_acc": "para_acc", "dev/sts_corr": "sts_corr", "dev/overall": "overall"}
+SHORT = {name: name.removeprefix("dev/") for name in DEV_METRICS}
 BASELINE = "baseline"
 ROW_STAGES = ("variant", "trial")  # the child runs that are rows; the rest (shared stages) are not
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import ConfigError, PipelineConfig, get
-from pipeline.constants import REPO
+from pipeline.constants import ERROR_TAG, REPO, error_text
 from pipeline.store import ArtifactStore
 
 
@@ -323,7 +323,7 @@ def run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, 
         try:
             result = importlib.import_module(stage.module).run(ctx.cfg, inputs, scratch, log)
         except BaseException:
-            tracking.set_tags(ctx.tracking_uri, run_id, {"error": traceback.format_exc()[-4000:]})
+            tracking.set_tags(ctx.tracking_uri, run_id, {ERROR_TAG: error_text(traceback.format_exc())})
             if not (scratch / CHECKPOINT_DIR).is_dir():
                 store.discard(scratch)  # nothing to resume from; a checkpoint stays for the re-run
             raise

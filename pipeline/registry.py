@@ -65,7 +65,7 @@ def given_model(uri: str, given: str, tmp: Path) -> ModelChoice:
     path = Path(given).expanduser()
     if path.is_dir():
         return ModelChoice(model_folder(path, given), str(path.resolve()), "--model")
-    if not given.startswith(("models:/", "runs:/")) and "://" not in given:
+    if not given.startswith(("models:/", "runs:/")) and not is_remote(given):
         raise LookupError(f"--model {given}: not a folder, and not an MLflow URI (models:/NAME@ALIAS, "
                           f"models:/NAME/VERSION, runs:/RUN_ID/model)")
     run_id, score = _source_run(uri, given)

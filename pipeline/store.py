@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from pipeline.constants import is_remote
+
 SUCCESS = "_SUCCESS"
 RESULT = "result.json"
 
@@ -30,7 +32,7 @@ RESULT = "result.json"
 class ArtifactStore:
     def __init__(self, location: str):
         self.location = location
-        if "://" in location:
+        if is_remote(location):
             self.fs, self.root = pafs.FileSystem.from_uri(location)
             self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         else:

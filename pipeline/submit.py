@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, apply_overrides, load_config, resolve_path
-from pipeline.constants import REPO
+from pipeline.constants import REPO, is_remote
 
 REMOTE_VERBS = ("run", "tune", "ablate", "leaderboard")
 FILE_OPTIONS = ("--space", "--grid")  # verb options naming a file the job must find in its working_dir
@@ -161,7 +161,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                      usage="%(prog)s [CONFIG] --address URL [options] [VERB [ARGS ...]]",
                                      description="run a pipeline verb on a Ray cluster as a Ray job")
     parser.add_argument("config", nargs="?", default="pipeline.yaml", help="experiment YAML (default: pipeline.yaml)")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") if "://" in os.environ.get("RAY_ADDRESS", "") else None,
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") if is_remote(os.environ.get("RAY_ADDRESS", "")) else None,
                         help="the cluster's Jobs API, e.g. http://HEAD:8265 (default: RAY_ADDRESS when it is a URL)")
     parser.add_argument("--requirements", action="store_true",
                         help="install requirements.txt into the job's environment (runtime_env pip; downloads "
@@ -196,7 +196,7 @@ def job_spec(config: Path, verb_args: list[str], requirements: bool = False,
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
     uri = tracking.tracking_uri(cfg.tracking.uri, config.parent)
-    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+    if uri.startswith(("sqlite:", "file:")) or not is_remote(uri):
         notes.append(f"MLflow store {uri} is a local file: fine on a local cluster; for a remote one point "
                      f"tracking.uri (or MLFLOW_TRACKING_URI) at an MLflow server")
     apply_overrides(cfg, overrides)  # the overrides themselves must be valid config
@@ -231,9 +231,9 @@ def cluster_overrides(cfg, config_dir: Path) -> list[str]:
     from pipeline import tracking
 
     out = [f"data.dir={resolve_path(config_dir, cfg.data.dir)}"]
-    if "://" not in cfg.artifacts:
+    if not is_remote(cfg.artifacts):
         out.append(f"artifacts={resolve_path(config_dir, cfg.artifacts)}")
-    if cfg.model.dir and "://" not in cfg.model.dir:
+    if cfg.model.dir and not is_remote(cfg.model.dir):
         out.append(f"model.dir={resolve_path(config_dir, cfg.model.dir)}")
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         out.append(f"tracking.uri={tracking.tracking_uri(cfg.tracking.uri, config_dir)}")

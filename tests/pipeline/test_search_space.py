@@ -1,7 +1,4 @@
-"""Search-space YAML -> Tune / Optuna spaces, its errors, and the search's small decisions."""
-
-import json
-import math
+"""Search-space YAML -> Tune / Optuna spaces, and its errors (pipeline/search_space.py)."""
 
 import numpy as np
 import optuna.distributions as od
@@ -10,7 +7,6 @@ from ray.tune.search import sample
 
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, load_config
 from pipeline.search_space import load_space
-from pipeline.tuning import best_record, max_concurrent, optuna_searcher, startup_trials, trial_records, trial_resources
 from tests.conftest import REPO
 
 
@@ -128,58 +124,3 @@ def test_config_point_seeds_the_search_only_from_inside_the_space(tmp_path):
         space.config_point(apply_overrides(PipelineConfig(), {"train.batch_size": 64}))
     with pytest.raises(ConfigError, match=r"space.yaml:1: train.lr: .* value 0.01 is outside the space \[1e-05, 0.001\]"):
         space.config_point(apply_overrides(PipelineConfig(), {"train.lr": 0.01}))
-
-
-def test_concurrency_is_how_many_trials_the_resources_fit():
-    assert max_concurrent({"CPU": 2}, {"cpu": 1, "gpu": 0}, trials=4) == 2
-    assert max_concurrent({"CPU": 2}, {"cpu": 2, "gpu": 0}, trials=4) == 1
-    assert max_concurrent({"CPU": 3}, {"cpu": 2, "gpu": 0}, trials=4) == 1  # floor(3 / 2)
-    # four quarter-GPU trials share one GPU, if the CPUs allow it
-    assert max_concurrent({"CPU": 16, "GPU": 1}, {"cpu": 1, "gpu": 0.25}, trials=8) == 4
-    assert max_concurrent({"CPU": 3, "GPU": 1}, {"cpu": 1, "gpu": 0.25}, trials=8) == 3
-    assert max_concurrent({"CPU": 16}, {"cpu": 1, "gpu": 0}, trials=3) == 3  # never more than the trials
-    assert max_concurrent({"CPU": 16}, {"cpu": 0, "gpu": 0}, trials=5) == 5
-
-
-def test_trial_resources_cover_the_bigger_stage():
-    cfg = apply_overrides(PipelineConfig(), {"stages.finetune.num_cpus": 2, "stages.evaluate.num_cpus": 1,
-                                             "stages.finetune.num_gpus": 0.25, "stages.evaluate.num_gpus": 0.5})
-    assert trial_resources(cfg) == {"cpu": 2, "gpu": 0.5}
-
-
-def test_tpe_warms_up_on_a_quarter_of_the_trials_between_2_and_10():
-    assert [startup_trials(n) for n in (1, 4, 8, 12, 40, 100)] == [2, 2, 2, 3, 10, 10]
-
-
-def test_best_trial_is_the_best_evaluated_one_and_records_keep_start_order(tmp_path):
-    for trial_id, started, status, score in [("e5", 50.0, "finished", 0.41), ("b2", 20.0, "early_stopped", 0.90),
-                                             ("a1", 10.0, "finished", 0.52), ("d3", 30.0, "failed", None),
-                                             ("c4", 40.0, "finished", math.nan)]:
-        (tmp_path / trial_id).mkdir()
-        metrics = {} if score is None else {"dev/overall": score}
-        (tmp_path / trial_id / "trial.json").write_text(json.dumps(
-            {"trial_id": trial_id, "started": started, "status": status, "metrics": metrics, "values": {}}))
-    records = trial_records(tmp_path)
-    assert [r["trial_id"] for r in records] == ["a1", "b2", "d3", "c4", "e5"]
-    # the early-stopped 0.90 was never evaluated as a finished model; NaN never wins
-    assert best_record(records)["trial_id"] == "a1"
-    assert best_record([r for r in records if r["status"] != "finished"]) is None
-
-
-def test_the_optuna_search_is_seeded_and_can_start_from_the_config():
-    cfg = apply_overrides(PipelineConfig(), {"train.sampling": "annealed"})
-    space = load_space(REPO / "search_spaces" / "default.yaml", cfg)
-
-    def suggestions(seed, points=()):
-        searcher = optuna_searcher(space, seed, trials=8, points_to_evaluate=points)
-        return [searcher.suggest(f"trial{i}") for i in range(3)]
-
-    first = suggestions(seed=1)
-    assert suggestions(seed=1) == first  # the same seed, the same search
-    assert suggestions(seed=2) != first
-    assert set(first[0]) == set(space.params)
-    for point in first:
-        assert 1e-5 <= point["train.lr"] <= 3e-3 and point["train.batch_size"] in (8, 16, 32)
-        assert round(point["model.dropout"] / 0.05, 9) % 1 == 0  # on the quniform grid
-    own = space.config_point(cfg)
-    assert suggestions(seed=1, points=[own])[0] == own  # --include-config: the config's values go first

@@ -17,11 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
 from pipeline.submit import EXCLUDES, SubmitError, job_spec, local_token, parse_args, requirement_lines
-from tests.conftest import REPO
+from tests.conftest import REPO, mlflow_runs, write_experiment
 
 
 # ---------------------------------------------------------------- the job, without a cluster
@@ -199,10 +198,7 @@ def test_a_token_cluster_takes_the_local_token_and_without_one_submit_says_what_
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text("pipeline-test-" + os.urandom(16).hex())
     empty_home.mkdir()
-    (tmp_path / "exp.yaml").write_text(
-        f"data:\n  dir: {shared_data_dir}\n  on_bad_rows: drop\n"
-        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
-        "tracking:\n  experiment: token-cluster\n")
+    write_experiment(tmp_path, "token-cluster", data_dir=shared_data_dir)
     env = {**cluster_env(), "RAY_AUTH_MODE": "token", "HOME": str(home)}
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
@@ -253,10 +249,7 @@ def cluster():
 def work(tmp_path_factory, shared_data_dir):
     """A config outside the checkout with relative paths: submit must make them absolute."""
     work = tmp_path_factory.mktemp("cluster-work")
-    (work / "exp.yaml").write_text(
-        f"data:\n  dir: {os.path.relpath(shared_data_dir, work)}\n  on_bad_rows: drop\n"
-        "stages:\n  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n"
-        "tracking:\n  experiment: cluster\n")
+    write_experiment(work, "cluster", data_dir=Path(os.path.relpath(shared_data_dir, work)))
     return work
 
 
@@ -280,9 +273,7 @@ def test_smoke_run_through_the_jobs_api_succeeds_and_logs_to_mlflow(cluster, wor
     assert f"--set artifacts={work / 'artifacts'}" in info.entrypoint
     assert "dev/overall" in submitted.stdout  # the job's own summary, followed from its logs
 
-    mlflow = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")  # the submitting side's store
-    experiment = mlflow.get_experiment_by_name("cluster")
-    runs = mlflow.search_runs([experiment.experiment_id])
+    _, runs = mlflow_runs(work, "cluster")  # the submitting side's store
     parent = next(r for r in runs if r.data.tags.get("stage") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and parent.data.tags["smoke"] == "True"
@@ -301,11 +292,10 @@ def test_leaderboard_smoke_submits_the_clusters_smoke_model(work, submitted):
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "submission valid" in proc.stdout and "best finished run" in proc.stdout
-    mlflow = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
-    experiment = mlflow.get_experiment_by_name("cluster")
-    boards = mlflow.search_runs([experiment.experiment_id], filter_string="tags.leaderboard = 'true'")
+    mlflow, runs = mlflow_runs(work, "cluster")
+    boards = [r for r in runs if r.data.tags.get("leaderboard") == "true"]
     assert len(boards) == 1 and boards[0].info.status == "FINISHED"
-    pipeline_run = next(r for r in mlflow.search_runs([experiment.experiment_id]) if r.data.tags.get("stage") == "pipeline")
+    pipeline_run = next(r for r in runs if r.data.tags.get("stage") == "pipeline")
     assert boards[0].data.tags["model_run_id"] == pipeline_run.info.run_id
     # Same model, same data: the same dev scores as the run that trained it.
     assert boards[0].data.metrics["dev/overall"] == pytest.approx(pipeline_run.data.metrics["dev/overall"], abs=1e-6)
