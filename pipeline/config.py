@@ -59,6 +59,39 @@ class PalsConfig:
     heads: int = 12
 
 
+# A pair task's encoding: separate (siamese): each sentence encoded on its own, pooled to u and
+# v; concat: "[CLS] a [SEP] b [SEP]" encoded once with token type ids 0/1, the head on its
+# pooled vector.
+
+
+@dataclass
+class ParaModelConfig:
+    encoding: Literal["separate", "concat"] = "separate"
+    # linear: a head on [u; v] (separate) or on the pooled pair (concat) -> one number;
+    # sbert: a head on [u; v; |u - v|] (separate only);
+    # cosine: no head, the output is cos(u, v), > 0 paraphrase (separate only, trained with
+    # loss.para: cosine_embedding).
+    head: Literal["linear", "sbert", "cosine"] = "linear"
+
+
+@dataclass
+class StsModelConfig:
+    encoding: Literal["separate", "concat"] = "separate"
+    # linear / sbert: as for para, the head's number is the 0..5 score;
+    # cosine: 5 * cos(u, v); dot: u . v, the raw dot product of the pooled vectors;
+    # cosine_linear: a * cos(u, v) + b, one Linear(1, 1) on the cosine (starts as 5 * cos);
+    # hybrid: w * 5 * cos(u, v) + (1 - w) * the linear head's score, the cosine from the two
+    # sentences encoded separately, the head on this task's encoding (concat: the pair).
+    # cosine, dot, cosine_linear and sbert need encoding: separate.
+    head: Literal["linear", "sbert", "cosine", "dot", "cosine_linear", "hybrid"] = "linear"
+    # hybrid only: w in (0, 1), the weight of 5 * cos(u, v); null: learned, w = sigmoid(theta),
+    # starting at 0.5 (report C's "learned split"; its row A is a fixed 0.5).
+    cosine_weight: float | None = None
+    # tanh: the score is 2.5 * (tanh(x) + 1), in (0, 5), x the head's number (hybrid: its head
+    # part's); none: x itself (predictions are clipped to [0, 5] either way).
+    bound: Literal["none", "tanh"] = "none"
+
+
 @dataclass
 class ModelConfig:
     # A HuggingFace-format BERT folder (config.json + model.safetensors or
@@ -67,11 +100,10 @@ class ModelConfig:
     dir: str | None = None
     pooling: Literal["cls", "mean"] = "cls"
     dropout: float = 0.1
-    # separate: each pair sentence encoded on its own (u, v); concat: "[CLS] a [SEP] b [SEP]"
-    # encoded once with token type ids, the head on its pooled vector.
-    pair_encoding: Literal["separate", "concat"] = "separate"
-    pair_head: Literal["linear", "sbert"] = "linear"  # sbert: para/sts heads on [u, v, |u - v|]
-    sts_head: Literal["linear", "cosine"] = "linear"  # cosine: cos(u, v) scaled to 0..5
+    # How each sentence-pair task reads its pair, chosen per task: e.g. Quora as one
+    # concatenated sequence (a cross-encoder) while STS compares two sentence embeddings.
+    para: ParaModelConfig = field(default_factory=lambda: ParaModelConfig())
+    sts: StsModelConfig = field(default_factory=lambda: StsModelConfig())
     head_layers: int = 1  # 1: one linear layer; 3: Linear-BatchNorm-GELU-Dropout twice, then Linear
     shared_encoder: bool = True  # false: one encoder per task, no weight sharing
     freeze_encoder: bool = False  # only the heads (and PALs) train
@@ -104,6 +136,20 @@ class SmartConfig:
 
 
 @dataclass
+class TaskEpochs:
+    sst: int | None = None
+    para: int | None = None
+    sts: int | None = None
+
+
+@dataclass
+class TaskFractions:
+    sst: float = 1.0
+    para: float = 1.0
+    sts: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 32
@@ -112,6 +158,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
+    # The lr over the run, after a linear warmup over warmup_ratio of the steps: constant (the
+    # CS224N starter's, with warmup_ratio 0), linear decay to 0 at the last step, or cosine
+    # decay to 0 (half a cosine period).
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     # Which task(s) a step trains: round_robin (one task per step, in turn), proportional
     # (p_i ~ N_i), annealed (p_i ~ N_i^alpha), summed (a batch of every task, losses summed
     # into one backward), sequential (all of sst, then para, then sts, each epoch).
@@ -119,6 +169,14 @@ class TrainConfig:
     alpha_start: float = 1.0  # annealed sampling: p_i ~ N_i^alpha, alpha start -> end
     alpha_end: float = 0.2
     steps_per_epoch: int | None = None  # null: every task's batches once (round robin: smallest task)
+    # Per task, how many of the run's train.epochs it trains in (the first ones); null: all. A
+    # task whose epochs are used up is left out of the later epochs' batch plans, e.g.
+    # {para: 1} with epochs 5: Quora in epoch 1 only, SST and STS in all five.
+    task_epochs: TaskEpochs = field(default_factory=lambda: TaskEpochs())
+    # Per task, the share of its train split finetune trains on: a random subset of
+    # round(fraction * rows) rows drawn from the seed, the same in every epoch. Dev splits are
+    # always scored in full.
+    data_fraction: TaskFractions = field(default_factory=lambda: TaskFractions())
     pcgrad: bool = False  # gradient surgery (Yu et al. 2020); needs sampling: summed
     layerwise_lr_decay: float = 1.0  # lr x decay^(layers above); 1.0: off
     lookahead: bool = False  # Lookahead (Zhang et al. 2019) around AdamW
@@ -141,13 +199,22 @@ class TaskWeights:
 class LossConfig:
     weights: TaskWeights = field(default_factory=TaskWeights)
     weighting: Literal["fixed", "normalized"] = "fixed"  # normalized: loss / its running mean magnitude
-    # cosine_embedding: CosineEmbeddingLoss on (u, v) for para (target +1/-1) and sts
-    # (target +1 when similarity >= 2.5, else -1), with the cosine as the prediction.
-    pair_loss: Literal["default", "cosine_embedding"] = "default"
+    # The para loss: bce: BCE-with-logits on the head's logit (> 0: paraphrase); mse: squared
+    # error of the head's number against the 0/1 label, a regression (> 0.5: paraphrase);
+    # cosine_embedding: CosineEmbeddingLoss on (u, v), target +1 paraphrase / -1 not (needs
+    # model.para.head: cosine).
+    para: Literal["bce", "mse", "cosine_embedding"] = "bce"
+    # The sts loss: mse against the 0..5 label; cosine_embedding: CosineEmbeddingLoss on (u, v),
+    # target +1 when similarity >= 2.5, else -1 (needs model.sts.head: cosine).
+    sts: Literal["mse", "cosine_embedding"] = "mse"
     # > 0: the first N epochs train sts with a multiple-negatives ranking loss over pairs with
-    # similarity >= 4 (in-batch negatives), then the cosine head's loss.
+    # similarity >= 4 (in-batch negatives), then the sts head's own loss.
     sts_mnr_epochs: int = 0
-    mnr_scale: float = 20.0
+    # How MNR scores a pair (u_i, v_j): cosine (SBERT's default) or dot, the raw u_i . v_j.
+    mnr_similarity: Literal["cosine", "dot"] = "cosine"
+    # The MNR logits are scale * similarity; null: 20 for cosine (SBERT's default), 1 for dot
+    # (the logits are the dot products themselves).
+    mnr_scale: float | None = None
 
 
 @dataclass
@@ -337,23 +404,62 @@ def _check_technique_combinations(cfg: PipelineConfig, where: str) -> None:
     if t.pcgrad and t.sampling != "summed":
         raise ConfigError(f"{where}: train.pcgrad needs train.sampling: summed (every task's gradient in one step); "
                           f"with {t.sampling} a step holds one task's gradient, so there is nothing to project")
-    if m.pair_encoding == "concat":
-        for key, value, off in (("model.pair_head", m.pair_head, "linear"), ("model.sts_head", m.sts_head, "linear"),
-                                ("loss.pair_loss", loss.pair_loss, "default"), ("loss.sts_mnr_epochs", loss.sts_mnr_epochs, 0)):
-            if value != off:
-                raise ConfigError(f"{where}: {key}: {value} needs two sentence embeddings, but "
-                                  f"model.pair_encoding: concat encodes a pair as one sequence")
-    if loss.pair_loss == "cosine_embedding" and m.pair_head == "sbert":
-        raise ConfigError(f"{where}: loss.pair_loss: cosine_embedding scores pairs by cos(u, v), so "
-                          f"model.pair_head: sbert would never be used; pick one")
+    # Each pair task's encoding, head and loss must fit together.
+    siamese = {"para": ("sbert", "cosine"), "sts": ("sbert", "cosine", "dot", "cosine_linear")}
+    for task, task_cfg in (("para", m.para), ("sts", m.sts)):
+        if task_cfg.encoding == "concat" and task_cfg.head in siamese[task]:
+            raise ConfigError(f"{where}: model.{task}.head: {task_cfg.head} needs two sentence embeddings, but "
+                              f"model.{task}.encoding: concat encodes a pair as one sequence")
+    if (m.para.head == "cosine") != (loss.para == "cosine_embedding"):
+        raise ConfigError(f"{where}: model.para.head: cosine and loss.para: cosine_embedding go together (the "
+                          f"para output is then cos(u, v)); got model.para.head: {m.para.head}, loss.para: {loss.para}")
+    if loss.sts == "cosine_embedding" and m.sts.head != "cosine":
+        raise ConfigError(f"{where}: loss.sts: cosine_embedding scores pairs by cos(u, v), so it needs "
+                          f"model.sts.head: cosine, got {m.sts.head}")
+    if m.sts.cosine_weight is not None:
+        if m.sts.head != "hybrid":
+            raise ConfigError(f"{where}: model.sts.cosine_weight weighs the cosine in model.sts.head: hybrid; "
+                              f"with head {m.sts.head} it would do nothing")
+        if not 0 < m.sts.cosine_weight < 1:  # 1 would be head cosine with a dead head, 0 head linear
+            raise ConfigError(f"{where}: model.sts.cosine_weight must be in (0, 1) (null: learned), got {m.sts.cosine_weight}")
+    if m.sts.bound == "tanh" and m.sts.head == "cosine":
+        raise ConfigError(f"{where}: model.sts.bound: tanh bounds a head's unbounded number; model.sts.head: "
+                          f"cosine is 5 * cos(u, v), already in [-5, 5]")
     if loss.sts_mnr_epochs < 0:
         raise ConfigError(f"{where}: loss.sts_mnr_epochs must be >= 0")
     if loss.sts_mnr_epochs:
-        if m.sts_head != "cosine":
-            raise ConfigError(f"{where}: loss.sts_mnr_epochs needs model.sts_head: cosine (MNR trains the cosine geometry)")
-        if loss.sts_mnr_epochs >= t.epochs:
-            raise ConfigError(f"{where}: loss.sts_mnr_epochs ({loss.sts_mnr_epochs}) must be below train.epochs "
-                              f"({t.epochs}): the cosine loss follows it")
+        if m.sts.head not in ("cosine", "dot"):
+            raise ConfigError(f"{where}: loss.sts_mnr_epochs needs model.sts.head: cosine or dot (MNR trains the "
+                              f"geometry of the two sentence embeddings those heads compare), got {m.sts.head}")
+        sts_epochs = cfg.train.task_epochs.sts or cfg.train.epochs
+        if loss.sts_mnr_epochs >= sts_epochs:
+            raise ConfigError(f"{where}: loss.sts_mnr_epochs ({loss.sts_mnr_epochs}) must be below sts's epochs "
+                              f"(train.epochs / train.task_epochs.sts: {sts_epochs}): the sts head's loss follows it")
+    else:
+        for key, value, off in (("loss.mnr_similarity", loss.mnr_similarity, "cosine"),
+                                ("loss.mnr_scale", loss.mnr_scale, None)):
+            if value != off:
+                raise ConfigError(f"{where}: {key}: {value} only acts with loss.sts_mnr_epochs > 0")
+    if loss.mnr_scale is not None and loss.mnr_scale <= 0:
+        raise ConfigError(f"{where}: loss.mnr_scale must be > 0 (null: 20 for cosine, 1 for dot), got {loss.mnr_scale}")
+    # Per-task epochs and train fractions.
+    trained = [task for task in TASKS if getattr(cfg.loss.weights, task) > 0]
+    for task in TASKS:
+        epochs = getattr(t.task_epochs, task)
+        fraction = getattr(t.data_fraction, task)
+        if epochs is not None and not 1 <= epochs <= t.epochs:
+            raise ConfigError(f"{where}: train.task_epochs.{task} must be in 1..train.epochs ({t.epochs}), "
+                              f"got {epochs} (null: all of train.epochs)")
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"{where}: train.data_fraction.{task} must be in (0, 1], got {fraction}")
+        if task not in trained and (epochs is not None or fraction != 1):
+            key = f"train.task_epochs.{task}" if epochs is not None else f"train.data_fraction.{task}"
+            raise ConfigError(f"{where}: {key} is set but loss.weights.{task} is 0, so {task} does not train")
+    if trained and all((getattr(t.task_epochs, task) or t.epochs) < t.epochs for task in trained):
+        longest = max(getattr(t.task_epochs, task) for task in trained)
+        raise ConfigError(f"{where}: every trained task stops before train.epochs ({t.epochs}) by "
+                          f"train.task_epochs; epochs {longest + 1}..{t.epochs} would train nothing: "
+                          f"set train.epochs to {longest}")
     if m.freeze_encoder and t.layerwise_lr_decay != 1.0:
         raise ConfigError(f"{where}: train.layerwise_lr_decay has no effect with model.freeze_encoder: true")
     if not 0 < t.layerwise_lr_decay <= 1:
