@@ -16,7 +16,8 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.constants import TASKS
-from pipeline.typed import build, check_value, did_you_mean, field_types, split_override
+from pipeline.config_rules import validate
+from pipeline.typed import build, check_value, did_you_mean, field_types, get, split_override
 from pipeline.yamlfile import ConfigError, read_yaml
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "apply_overrides", "validate", "get", "flatten",
@@ -57,6 +58,39 @@ class PalsConfig:
     heads: int = 12
 
 
+# A pair task's encoding: separate (siamese): each sentence encoded on its own, pooled to u and
+# v; concat: "[CLS] a [SEP] b [SEP]" encoded once with token type ids 0/1, the head on its
+# pooled vector.
+
+
+@dataclass
+class ParaModelConfig:
+    encoding: Literal["separate", "concat"] = "separate"
+    # linear: a head on [u; v] (separate) or on the pooled pair (concat) -> one number;
+    # sbert: a head on [u; v; |u - v|] (separate only);
+    # cosine: no head, the output is cos(u, v), > 0 paraphrase (separate only, trained with
+    # loss.para: cosine_embedding).
+    head: Literal["linear", "sbert", "cosine"] = "linear"
+
+
+@dataclass
+class StsModelConfig:
+    encoding: Literal["separate", "concat"] = "separate"
+    # linear / sbert: as for para, the head's number is the 0..5 score;
+    # cosine: 5 * cos(u, v); dot: u . v, the raw dot product of the pooled vectors;
+    # cosine_linear: a * cos(u, v) + b, one Linear(1, 1) on the cosine (starts as 5 * cos);
+    # hybrid: w * 5 * cos(u, v) + (1 - w) * the linear head's score, the cosine from the two
+    # sentences encoded separately, the head on this task's encoding (concat: the pair).
+    # cosine, dot, cosine_linear and sbert need encoding: separate.
+    head: Literal["linear", "sbert", "cosine", "dot", "cosine_linear", "hybrid"] = "linear"
+    # hybrid only: w in (0, 1), the weight of 5 * cos(u, v); null: learned, w = sigmoid(theta),
+    # starting at 0.5 (report C's "learned split"; its row A is a fixed 0.5).
+    cosine_weight: float | None = None
+    # tanh: the score is 2.5 * (tanh(x) + 1), in (0, 5), x the head's number (hybrid: its head
+    # part's); none: x itself (predictions are clipped to [0, 5] either way).
+    bound: Literal["none", "tanh"] = "none"
+
+
 @dataclass
 class ModelConfig:
     # A HuggingFace-format BERT folder (config.json + model.safetensors or
@@ -65,11 +99,10 @@ class ModelConfig:
     dir: str | None = None
     pooling: Literal["cls", "mean"] = "cls"
     dropout: float = 0.1
-    # separate: each pair sentence encoded on its own (u, v); concat: "[CLS] a [SEP] b [SEP]"
-    # encoded once with token type ids, the head on its pooled vector.
-    pair_encoding: Literal["separate", "concat"] = "separate"
-    pair_head: Literal["linear", "sbert"] = "linear"  # sbert: para/sts heads on [u, v, |u - v|]
-    sts_head: Literal["linear", "cosine"] = "linear"  # cosine: cos(u, v) scaled to 0..5
+    # How each sentence-pair task reads its pair, chosen per task: e.g. Quora as one
+    # concatenated sequence (a cross-encoder) while STS compares two sentence embeddings.
+    para: ParaModelConfig = field(default_factory=lambda: ParaModelConfig())
+    sts: StsModelConfig = field(default_factory=lambda: StsModelConfig())
     head_layers: int = 1  # 1: one linear layer; 3: Linear-BatchNorm-GELU-Dropout twice, then Linear
     shared_encoder: bool = True  # false: one encoder per task, no weight sharing
     freeze_encoder: bool = False  # only the heads (and PALs) train
@@ -102,6 +135,20 @@ class SmartConfig:
 
 
 @dataclass
+class TaskEpochs:
+    sst: int | None = None
+    para: int | None = None
+    sts: int | None = None
+
+
+@dataclass
+class TaskFractions:
+    sst: float = 1.0
+    para: float = 1.0
+    sts: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 32
@@ -110,6 +157,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
+    # The lr over the run, after a linear warmup over warmup_ratio of the steps: constant (the
+    # CS224N starter's, with warmup_ratio 0), linear decay to 0 at the last step, or cosine
+    # decay to 0 (half a cosine period).
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     # Which task(s) a step trains: round_robin (one task per step, in turn), proportional
     # (p_i ~ N_i), annealed (p_i ~ N_i^alpha), summed (a batch of every task, losses summed
     # into one backward), sequential (all of sst, then para, then sts, each epoch).
@@ -117,6 +168,14 @@ class TrainConfig:
     alpha_start: float = 1.0  # annealed sampling: p_i ~ N_i^alpha, alpha start -> end
     alpha_end: float = 0.2
     steps_per_epoch: int | None = None  # null: every task's batches once (round robin: smallest task)
+    # Per task, how many of the run's train.epochs it trains in (the first ones); null: all. A
+    # task whose epochs are used up is left out of the later epochs' batch plans, e.g.
+    # {para: 1} with epochs 5: Quora in epoch 1 only, SST and STS in all five.
+    task_epochs: TaskEpochs = field(default_factory=lambda: TaskEpochs())
+    # Per task, the share of its train split finetune trains on: a random subset of
+    # round(fraction * rows) rows drawn from the seed, the same in every epoch. Dev splits are
+    # always scored in full.
+    data_fraction: TaskFractions = field(default_factory=lambda: TaskFractions())
     pcgrad: bool = False  # gradient surgery (Yu et al. 2020); needs sampling: summed
     layerwise_lr_decay: float = 1.0  # lr x decay^(layers above); 1.0: off
     lookahead: bool = False  # Lookahead (Zhang et al. 2019) around AdamW
@@ -139,13 +198,22 @@ class TaskWeights:
 class LossConfig:
     weights: TaskWeights = field(default_factory=TaskWeights)
     weighting: Literal["fixed", "normalized"] = "fixed"  # normalized: loss / its running mean magnitude
-    # cosine_embedding: CosineEmbeddingLoss on (u, v) for para (target +1/-1) and sts
-    # (target +1 when similarity >= 2.5, else -1), with the cosine as the prediction.
-    pair_loss: Literal["default", "cosine_embedding"] = "default"
+    # The para loss: bce: BCE-with-logits on the head's logit (> 0: paraphrase); mse: squared
+    # error of the head's number against the 0/1 label, a regression (> 0.5: paraphrase);
+    # cosine_embedding: CosineEmbeddingLoss on (u, v), target +1 paraphrase / -1 not (needs
+    # model.para.head: cosine).
+    para: Literal["bce", "mse", "cosine_embedding"] = "bce"
+    # The sts loss: mse against the 0..5 label; cosine_embedding: CosineEmbeddingLoss on (u, v),
+    # target +1 when similarity >= 2.5, else -1 (needs model.sts.head: cosine).
+    sts: Literal["mse", "cosine_embedding"] = "mse"
     # > 0: the first N epochs train sts with a multiple-negatives ranking loss over pairs with
-    # similarity >= 4 (in-batch negatives), then the cosine head's loss.
+    # similarity >= 4 (in-batch negatives), then the sts head's own loss.
     sts_mnr_epochs: int = 0
-    mnr_scale: float = 20.0
+    # How MNR scores a pair (u_i, v_j): cosine (SBERT's default) or dot, the raw u_i . v_j.
+    mnr_similarity: Literal["cosine", "dot"] = "cosine"
+    # The MNR logits are scale * similarity; null: 20 for cosine (SBERT's default), 1 for dot
+    # (the logits are the dot products themselves).
+    mnr_scale: float | None = None
 
 
 @dataclass
@@ -228,6 +296,15 @@ SMOKE_OVERRIDES = {
 }
 
 
+# Keys that were renamed: an old config meets an "unknown key" error that names the new ones.
+RENAMED = {
+    "model.pair_encoding": "model.para.encoding and model.sts.encoding",
+    "model.pair_head": "model.para.head and model.sts.head",
+    "model.sts_head": "model.sts.head",
+    "loss.pair_loss": "loss.para and loss.sts",
+}
+
+
 # ---------------------------------------------------------------- public functions
 
 
@@ -235,12 +312,22 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     """Read a YAML config, apply `key=value` overrides, validate, return the typed config."""
     path = Path(path)
     raw, lines = read_yaml(path, "config")
-    cfg = build(PipelineConfig, raw, prefix="", where=lambda key: f"{path}:{lines.get(key, '?')}")
+    try:
+        cfg = build(PipelineConfig, raw, prefix="", where=lambda key: f"{path}:{lines.get(key, '?')}")
+    except ConfigError as e:
+        raise ConfigError(_with_renamed(str(e))) from None
     try:
         cfg = apply_overrides(cfg, overrides)
     except ConfigError as e:
         raise ConfigError(_with_line(str(e), path, lines)) from None
     return cfg
+
+
+def _with_renamed(message: str) -> str:
+    for old, new in RENAMED.items():
+        if f"unknown key '{old}'" in message:
+            return f"{message}; it was renamed: use {new}"
+    return message
 
 
 def _with_line(message: str, path: Path, lines: dict[str, int]) -> str:
@@ -271,96 +358,9 @@ def apply_overrides(cfg: PipelineConfig, overrides: list[str] | dict[str, Any]) 
             node = getattr(node, part)
         types_ = field_types(type(node)) if dataclasses.is_dataclass(node) else {}
         if leaf not in types_:
-            raise ConfigError(f"{where} {key}: unknown key '{key}'" + did_you_mean(leaf, types_))
+            raise ConfigError(_with_renamed(f"{where} {key}: unknown key '{key}'" + did_you_mean(leaf, types_)))
         setattr(node, leaf, check_value(types_[leaf], value, key, where, current=getattr(node, leaf)))
     validate(cfg, where="after overrides" if overrides else "config")
-    return cfg
-
-
-def validate(cfg: PipelineConfig, where: str = "config") -> None:
-    """Range checks and cross-key rules the types alone do not catch."""
-    def positive(key: str, value: float | None, allow_none: bool = False):
-        if value is None and allow_none:
-            return
-        if value is None or value <= 0:
-            raise ConfigError(f"{where}: {key} must be > 0, got {value!r}")
-
-    for key in ("train.batch_size", "train.eval_batch_size", "train.epochs", "train.lr",
-                "mlm.batch_size", "mlm.epochs", "mlm.lr", "data.max_length"):
-        positive(key, get(cfg, key))
-    for key in ("train.steps_per_epoch", "mlm.max_steps", "data.max_rows"):
-        positive(key, get(cfg, key), allow_none=True)
-    for key in ("train.checkpoint_every", "mlm.checkpoint_every"):
-        if get(cfg, key) < 0:
-            raise ConfigError(f"{where}: {key} must be >= 0 (0: checkpoint at epoch ends only), got {get(cfg, key)}")
-    if cfg.data.max_length < 8:
-        raise ConfigError(f"{where}: data.max_length must be at least 8, got {cfg.data.max_length}")
-    for key in ("data.quora_dev_fraction", "mlm.mask_prob", "mlm.heldout_fraction"):
-        if not 0 < get(cfg, key) < 1:
-            raise ConfigError(f"{where}: {key} must be between 0 and 1, got {get(cfg, key)!r}")
-    for key in ("model.dropout", "train.warmup_ratio"):
-        if not 0 <= get(cfg, key) < 1:
-            raise ConfigError(f"{where}: {key} must be in [0, 1), got {get(cfg, key)!r}")
-    for task in TASKS:
-        if getattr(cfg.loss.weights, task) < 0:
-            raise ConfigError(f"{where}: loss.weights.{task} must be >= 0")
-    for name in ("data_prep", "mlm_pretrain", "finetune", "evaluate"):
-        stage = getattr(cfg.stages, name)
-        if stage.num_cpus < 0 or stage.num_gpus < 0 or stage.max_retries < 0:
-            raise ConfigError(f"{where}: stages.{name}: num_cpus, num_gpus, max_retries must be >= 0")
-    _check_technique_combinations(cfg, where)
-    # A stage that needs a disabled stage cannot run. (mlm_pretrain is optional for finetune.)
-    needs = {"mlm_pretrain": ["data_prep"], "finetune": ["data_prep"], "evaluate": ["data_prep", "finetune"]}
-    for stage, required in needs.items():
-        if getattr(cfg.stages, stage).enabled:
-            for dep in required:
-                if not getattr(cfg.stages, dep).enabled:
-                    raise ConfigError(
-                        f"{where}: stages.{stage} is enabled but depends on stages.{dep}, which is disabled")
-
-
-def _check_technique_combinations(cfg: PipelineConfig, where: str) -> None:
-    """Combinations that cannot mean anything are errors, never silent no-ops."""
-    m, t, loss = cfg.model, cfg.train, cfg.loss
-    if m.head_layers not in (1, 3):
-        raise ConfigError(f"{where}: model.head_layers must be 1 or 3, got {m.head_layers}")
-    if m.pals.enabled and (m.pals.size <= 0 or m.pals.heads <= 0 or m.pals.size % m.pals.heads):
-        raise ConfigError(f"{where}: model.pals.size ({m.pals.size}) must be a positive multiple of model.pals.heads ({m.pals.heads})")
-    if t.pcgrad and t.sampling != "summed":
-        raise ConfigError(f"{where}: train.pcgrad needs train.sampling: summed (every task's gradient in one step); "
-                          f"with {t.sampling} a step holds one task's gradient, so there is nothing to project")
-    if m.pair_encoding == "concat":
-        for key, value, off in (("model.pair_head", m.pair_head, "linear"), ("model.sts_head", m.sts_head, "linear"),
-                                ("loss.pair_loss", loss.pair_loss, "default"), ("loss.sts_mnr_epochs", loss.sts_mnr_epochs, 0)):
-            if value != off:
-                raise ConfigError(f"{where}: {key}: {value} needs two sentence embeddings, but "
-                                  f"model.pair_encoding: concat encodes a pair as one sequence")
-    if loss.pair_loss == "cosine_embedding" and m.pair_head == "sbert":
-        raise ConfigError(f"{where}: loss.pair_loss: cosine_embedding scores pairs by cos(u, v), so "
-                          f"model.pair_head: sbert would never be used; pick one")
-    if loss.sts_mnr_epochs < 0:
-        raise ConfigError(f"{where}: loss.sts_mnr_epochs must be >= 0")
-    if loss.sts_mnr_epochs:
-        if m.sts_head != "cosine":
-            raise ConfigError(f"{where}: loss.sts_mnr_epochs needs model.sts_head: cosine (MNR trains the cosine geometry)")
-        if loss.sts_mnr_epochs >= t.epochs:
-            raise ConfigError(f"{where}: loss.sts_mnr_epochs ({loss.sts_mnr_epochs}) must be below train.epochs "
-                              f"({t.epochs}): the cosine loss follows it")
-    if m.freeze_encoder and t.layerwise_lr_decay != 1.0:
-        raise ConfigError(f"{where}: train.layerwise_lr_decay has no effect with model.freeze_encoder: true")
-    if not 0 < t.layerwise_lr_decay <= 1:
-        raise ConfigError(f"{where}: train.layerwise_lr_decay must be in (0, 1], got {t.layerwise_lr_decay}")
-    if t.lookahead and (t.lookahead_k < 1 or not 0 < t.lookahead_alpha < 1):
-        raise ConfigError(f"{where}: train.lookahead_k must be >= 1 and train.lookahead_alpha in (0, 1) "
-                          f"(alpha 1 is plain AdamW)")
-    if t.smart.enabled and (t.smart.weight < 0 or t.smart.epsilon <= 0 or t.smart.step_size <= 0):
-        raise ConfigError(f"{where}: train.smart: weight must be >= 0, epsilon and step_size > 0")
-
-
-def get(cfg: Any, key: str) -> Any:
-    """cfg value at a dotted key path."""
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
     return cfg
 
 

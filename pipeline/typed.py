@@ -114,3 +114,10 @@ def did_you_mean(key: str, options) -> str:
 
     close = difflib.get_close_matches(key, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def get(cfg: Any, key: str) -> Any:
+    """cfg value at a dotted key path."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

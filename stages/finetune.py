@@ -7,7 +7,9 @@ of every task with the losses summed (summed; with train.pcgrad, the per-task gr
 through PCGrad, stages/pcgrad.py). Per task, the loss is weighted by loss.weights (and with
 loss.weighting: normalized, divided by its running mean); train.smart adds SMART's adversarial
 and proximal terms (stages/smart.py); loss.sts_mnr_epochs trains sts with a multiple-negatives
-ranking loss first. The optimizer is AdamW (layer-wise LR decay, optionally inside Lookahead).
+ranking loss first. The optimizer is AdamW (layer-wise LR decay, optionally inside Lookahead),
+its lr following train.lr_schedule. train.task_epochs ends a task's training after its own
+epochs, train.data_fraction trains a task on a random part of its train split.
 After each epoch every dev split is predicted and scored; the best epoch by dev/overall is
 saved to out/model (encoder as a HuggingFace BERT folder + heads), and out/history.json keeps
 the per-epoch metrics. Starts from mlm_pretrain's model when that stage ran, else cfg.model.dir.
@@ -37,13 +39,15 @@ from stages.metrics import dev_metrics
 from stages.multitask_model import batch_lengths, build_model, make_batch, mnr_loss, predict, save_multitask
 from stages.pcgrad import pcgrad_backward
 from stages.progress import Progress
-from stages.samplers import annealed_alpha, epoch_steps
+from stages.samplers import annealed_alpha, batch_counts, epoch_steps, train_rows
 
 TASKS = ("sst", "para", "sts")
 # loss.weighting: normalized divides a task's loss by an exponential moving average of its
 # detached value; 0.99 averages over roughly the last 100 steps of that task.
 LOSS_EMA_DECAY = 0.99
 MNR_MIN_SIMILARITY = 4.0  # sts pairs at least this similar are the MNR positives
+MNR_COSINE_SCALE = 20.0  # SBERT's MultipleNegativesRankingLoss default
+MNR_DOT_SCALE = 1.0  # a dot product is its own scale: the logits are u_i . v_j (report D)
 
 
 def run(cfg, inputs: dict, out: Path, log) -> dict:
@@ -66,26 +70,37 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         raise ValueError(f"{data_dir}: no train split with rows and a non-zero loss weight; "
                          f"nothing to fine-tune (manifest: {data_dir / 'manifest.json'})")
     weights = {t: getattr(cfg.loss.weights, t) for t in train}
+    # The rows of each train split this run trains on (train.data_fraction); dev stays whole.
+    rows = {t: train_rows(len(s), getattr(tc.data_fraction, t), seed=cfg.seed + TASKS.index(t))
+            for t, s in train.items()}
+    for t in train:
+        if len(rows[t]) < len(train[t]):
+            print(f"finetune: {t} trains on {len(rows[t])} of its {len(train[t])} train rows "
+                  f"(train.data_fraction.{t}: {getattr(tc.data_fraction, t)})")
 
     # ---- model
     encoder_dir = Path(inputs["mlm_pretrain"]) / "model" if inputs.get("mlm_pretrain") else Path(cfg.model.dir)
     model = build_model(cfg, encoder_dir).to(device)
-    pair_encoding = cfg.model.pair_encoding
+    encodings = {t: model.batch_encoding(t) for t in TASKS}  # what make_batch builds per task
 
     # ---- the whole run's batches and task order, drawn up front so the schedule knows its length
-    lengths = {t: batch_lengths(t, s, pair_encoding) for t, s in train.items()}
+    lengths = {t: batch_lengths(t, s, encodings[t])[rows[t]] for t, s in train.items()}
+    task_epochs = {t: getattr(tc.task_epochs, t) for t in train}
     plan = []  # per epoch: per step [(task, row indices), ...], one entry per task the step trains
     cursors = {t: [] for t in train}  # each task's remaining batches; refilled (reshuffled) when empty
     for epoch in range(tc.epochs):
         alpha = annealed_alpha(epoch, tc.epochs, tc.alpha_start, tc.alpha_end)
-        n_batches = {t: math.ceil(len(s) / tc.batch_size) for t, s in train.items()}
+        n_batches = batch_counts({t: len(r) for t, r in rows.items()}, tc.batch_size, epoch, task_epochs)
+        if not any(n_batches.values()):
+            raise ValueError(f"finetune: no task left to train in epoch {epoch + 1} of {tc.epochs}: "
+                             f"train.task_epochs {task_epochs} ends every task with a train split before it")
         steps = []
         for step_tasks in epoch_steps(n_batches, tc.sampling, rng, alpha=alpha, steps=tc.steps_per_epoch):
             step = []
             for task in step_tasks:
                 if not cursors[task]:
                     cursors[task] = list(bucketed_batches(lengths[task], tc.batch_size, rng))
-                step.append((task, cursors[task].pop(0)))
+                step.append((task, rows[task][cursors[task].pop(0)]))
             steps.append(step)
         plan.append(steps)
     total_steps = sum(len(steps) for steps in plan)
@@ -104,10 +119,12 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         # step (another task's head, one task per step) is synced at a later one.
         optimizer = Lookahead(base_optimizer, k=tc.lookahead_k, alpha=tc.lookahead_alpha)
     warmup = int(tc.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer,
-                                                  lambda step: _linear_warmup_decay(step, warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        base_optimizer, lambda step: lr_factor(tc.lr_schedule, step, warmup, total_steps))
     loss_scale = _RunningLossScale(LOSS_EMA_DECAY) if cfg.loss.weighting == "normalized" else None
     sc = tc.smart
+    # MNR logits: scale * similarity; the scale's default depends on the similarity (config.py)
+    mnr_scale = cfg.loss.mnr_scale or (MNR_DOT_SCALE if cfg.loss.mnr_similarity == "dot" else MNR_COSINE_SCALE)
     proximal = smart.make_proximal_copy(model) if sc.enabled and sc.proximal_weight > 0 else None
 
     # ---- resume: `out` holds a checkpoint of this same run (a killed earlier attempt)
@@ -164,7 +181,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         for done, step in enumerate(steps[first_step:], start=first_step + 1):
             task_losses = {}  # task -> the loss that task's gradient comes from (weighted)
             for task, idx in step:
-                batch = make_batch(task, train[task], idx, device, pair_encoding)
+                batch = make_batch(task, train[task], idx, device, encodings[task])
                 if task == "sts" and mnr_epoch:
                     # MNR: the pairs with similarity >= 4 are positives, the other rows' v in-batch negatives
                     keep = batch["labels"] >= MNR_MIN_SIMILARITY
@@ -172,7 +189,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                         continue
                     with autocast(device):
                         u, v = model.pair_embeddings(task, batch)
-                    loss, name = mnr_loss(u[keep].float(), v[keep].float(), cfg.loss.mnr_scale), "sts_mnr"
+                    loss = mnr_loss(u[keep].float(), v[keep].float(), mnr_scale, cfg.loss.mnr_similarity)
+                    name = "sts_mnr"
                     objective = loss
                 else:
                     rng_state = smart.capture_rng(device) if sc.enabled else None
@@ -337,11 +355,20 @@ class _RunningLossScale:
         return max(mean, 1e-12)  # a loss of exactly 0 would divide by 0
 
 
-def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: 0 -> 1 over `warmup` steps, then 1 -> 0 linearly at `total`."""
+def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
+    """The lr multiplier at 0-based optimizer step `step` of `total` (LambdaLR's step count: the
+    factor the step-th update uses): (step + 1) / (warmup + 1) during warmup, then
+    constant: 1; linear: (total - step) / (total - warmup), 1 -> 0 at `total`;
+    cosine: (1 + cos(pi * (step - warmup) / (total - warmup))) / 2, 1 -> 0 at `total`."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    return max(0.0, (total - step) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    raise ValueError(f"lr_factor: schedule must be constant, linear or cosine, got {schedule!r}")
 
 
 def _selection_score(metrics: dict) -> float | None:

@@ -6,19 +6,34 @@ own and pooled to a vector (u for the first sentence of a pair, v for the second
 - para: Linear(2H, 1) on [u; v] -> one paraphrase logit, BCE-with-logits loss;
 - sts:  Linear(2H, 1) on [u; v] -> the 0..5 similarity score itself, MSE loss.
 
-The switches (pipeline/config.py's model.* and loss.pair_loss):
-- pair_encoding concat: para/sts encode "[CLS] a [SEP] b [SEP]" once, token types 0/1
-  (stages.batches.pair_batch), and the head reads its pooled vector (H inputs).
-- pair_head sbert: para/sts heads read [u; v; |u - v|] (3H inputs, Reimers & Gurevych 2019).
-- sts_head cosine: the sts output is 5 * cos(u, v), MSE against the 0..5 label. This is
+The switches (pipeline/config.py's model.para.*, model.sts.*, model.*, loss.para, loss.sts),
+chosen per pair task:
+- encoding concat: the task encodes "[CLS] a [SEP] b [SEP]" once, token types 0/1
+  (stages.batches.pair_batch), and its head reads that pooled vector (H inputs).
+- head sbert: the head reads [u; v; |u - v|] (3H inputs, Reimers & Gurevych 2019).
+- sts head cosine: the sts output is 5 * cos(u, v), MSE against the 0..5 label. This is
   SBERT's CosineSimilarityLoss (cosine regressed on label / 5) times 25: unlike 5 * relu(cos)
   its gradient is never zero, and unlike 2.5 * (cos + 1) it asks unrelated sentences (label
   0) to be orthogonal, not opposite. Predictions clip it to [0, 5]; Pearson correlation, the
   metric, does not see the scale.
-- pair_loss cosine_embedding: torch's CosineEmbeddingLoss (margin 0) on (u, v), target +1
-  for a paraphrase / a similarity >= 2.5, else -1. The para output is cos(u, v) (predicted
-  paraphrase when > 0), the sts output 5 * cos(u, v) as above; the loss depends on (u, v)
-  only through their cosine, so it is computed from the output.
+- sts head dot: u . v, the raw dot product of the pooled vectors (report D's baseline).
+- sts head cosine_linear: a * cos(u, v) + b, one Linear(1, 1) on the cosine (report A's "cosine
+  head -> Linear -> MSE"). It starts at a = 5, b = 0, i.e. as head cosine: from a default
+  random init (|a| < 1) the head's lr, the encoder's, would take most of a run to reach the
+  0..5 scale.
+- sts head hybrid: w * 5 * cos(u, v) + (1 - w) * NN (report C), cos from the two sentences
+  encoded separately, NN the linear head on the task's encoding (concat: on the pair). w is
+  fixed (sts_cosine_weight) or learned as sigmoid(theta), theta starting at 0: the report blends
+  the two by a "split", so w stays in (0, 1) and the weights add up to 1.
+- sts bound tanh: the head's number x becomes 2.5 * (tanh(x) + 1), in (0, 5) (report D: "bounded
+  by tanh and scaled to 0..5"; tanh's (-1, 1) mapped onto 0..5). For hybrid, its NN part.
+- para loss mse: the head's number regressed on the 0/1 label (report A), > 0.5 is a
+  paraphrase; bce (default): a logit, > 0 is a paraphrase.
+- loss cosine_embedding (para with head cosine, sts with head cosine): torch's
+  CosineEmbeddingLoss (margin 0) on (u, v), target +1 for a paraphrase / a similarity >= 2.5,
+  else -1. The para output is cos(u, v) (predicted paraphrase when > 0), the sts output
+  5 * cos(u, v) as above; the loss depends on (u, v) only through their cosine, so it is
+  computed from the output.
 - head_layers 3: Linear-BatchNorm-GELU-Dropout twice (width H), then Linear.
 - shared_encoder false: one encoder per task, each a copy of the same starting weights.
 - freeze_encoder true: the encoder weights get no gradient; heads and PALs train. The frozen
@@ -27,8 +42,8 @@ The switches (pipeline/config.py's model.* and loss.pair_loss):
   regularises the heads.
 - pals: projected attention layers per task inside the encoder (stages.encoder.ProjectedAttention).
 
-Cosine outputs use the pooled vectors without the dropout the heads get: a cosine has no
-weights for dropout to regularise, and zeroed coordinates would only add noise to it (as in
+Cosine and dot outputs use the pooled vectors without the dropout the heads get: they have no
+weights for dropout to regularise, and zeroed coordinates would only add noise to them (as in
 SBERT). `mnr_loss` with `pair_embeddings` is the multiple-negatives ranking loss finetune
 trains sts with first when loss.sts_mnr_epochs > 0.
 
@@ -62,36 +77,40 @@ HEADS_FILE = "heads.safetensors"
 PALS_FILE = "pals.safetensors"
 META_FILE = "multitask.json"
 # The constructor's keyword arguments; multitask.json records them.
-SWITCHES = ("pair_encoding", "pair_head", "sts_head", "pair_loss", "head_layers", "shared_encoder",
-            "freeze_encoder", "pals_size", "pals_heads")
-CHOICES = {"pair_encoding": ("separate", "concat"), "pair_head": ("linear", "sbert"),
-           "sts_head": ("linear", "cosine"), "pair_loss": ("default", "cosine_embedding"),
-           "head_layers": (1, 3)}
+SWITCHES = ("para_encoding", "para_head", "para_loss", "sts_encoding", "sts_head", "sts_loss", "sts_bound",
+            "sts_cosine_weight", "head_layers", "shared_encoder", "freeze_encoder", "pals_size", "pals_heads")
+CHOICES = {"para_encoding": ("separate", "concat"), "sts_encoding": ("separate", "concat"),
+           "para_head": ("linear", "sbert", "cosine"),
+           "sts_head": ("linear", "sbert", "cosine", "dot", "cosine_linear", "hybrid"),
+           "para_loss": ("bce", "mse", "cosine_embedding"), "sts_loss": ("mse", "cosine_embedding"),
+           "sts_bound": ("none", "tanh"), "head_layers": (1, 3)}
+# Heads that compare the two sentence embeddings u and v, so need encoding separate.
+SIAMESE_HEADS = {"para": ("sbert", "cosine"), "sts": ("sbert", "cosine", "dot", "cosine_linear")}
+PARA_MSE_THRESHOLD = 0.5  # para loss mse regresses the 0/1 label: above half is a paraphrase
+# Models written before the switches were per task recorded these instead (load_multitask converts them).
+LEGACY_SWITCHES = ("pair_encoding", "pair_head", "pair_loss")
 
 
 class MultitaskModel(nn.Module):
     def __init__(self, encoder, pooling: str = "cls", dropout: float = 0.1, *,
-                 pair_encoding: str = "separate", pair_head: str = "linear", sts_head: str = "linear",
-                 pair_loss: str = "default", head_layers: int = 1, shared_encoder: bool = True,
-                 freeze_encoder: bool = False, pals_size: int = 0, pals_heads: int = 12):
+                 para_encoding: str = "separate", para_head: str = "linear", para_loss: str = "bce",
+                 sts_encoding: str = "separate", sts_head: str = "linear", sts_loss: str = "mse",
+                 sts_bound: str = "none", sts_cosine_weight: float | None = None, head_layers: int = 1,
+                 shared_encoder: bool = True, freeze_encoder: bool = False, pals_size: int = 0, pals_heads: int = 12):
         """`encoder`: a BertEncoder (copied per task when shared_encoder is false), or with
-        shared_encoder false a {task: BertEncoder} dict. pals_size 0: no PALs."""
+        shared_encoder false a {task: BertEncoder} dict. pals_size 0: no PALs.
+        sts_cosine_weight: hybrid's fixed w; None: learned."""
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        switches = {"pair_encoding": pair_encoding, "pair_head": pair_head, "sts_head": sts_head,
-                    "pair_loss": pair_loss, "head_layers": head_layers}
-        for name, value in switches.items():
-            if value not in CHOICES[name]:
-                raise ValueError(f"{name} must be one of {list(CHOICES[name])}, got {value!r}")
-        if pair_encoding == "concat" and (pair_head, sts_head, pair_loss) != ("linear", "linear", "default"):
-            raise ValueError("pair_encoding concat encodes a pair as one sequence; pair_head sbert, sts_head "
-                             "cosine and pair_loss cosine_embedding need two sentence embeddings")
-        if pair_loss == "cosine_embedding" and pair_head == "sbert":
-            raise ValueError("pair_loss cosine_embedding makes para and sts outputs cosines; "
-                             "a pair_head sbert head would never be used")
-        self.pooling, self.pair_encoding, self.pair_head, self.sts_head = pooling, pair_encoding, pair_head, sts_head
-        self.pair_loss, self.head_layers = pair_loss, head_layers
+        _check_switches(para_encoding=para_encoding, para_head=para_head, para_loss=para_loss,
+                        sts_encoding=sts_encoding, sts_head=sts_head, sts_loss=sts_loss, sts_bound=sts_bound,
+                        sts_cosine_weight=sts_cosine_weight, head_layers=head_layers)
+        self.pooling = pooling
+        self.para_encoding, self.para_head, self.para_loss = para_encoding, para_head, para_loss
+        self.sts_encoding, self.sts_head, self.sts_loss, self.sts_bound = sts_encoding, sts_head, sts_loss, sts_bound
+        self.sts_cosine_weight = None if sts_cosine_weight is None else float(sts_cosine_weight)
+        self.head_layers = head_layers
         self.shared_encoder, self.freeze_encoder = bool(shared_encoder), bool(freeze_encoder)
         self.pals_size, self.pals_heads = int(pals_size), int(pals_heads)
         self.dropout_p = float(dropout)
@@ -114,11 +133,20 @@ class MultitaskModel(nn.Module):
         # Created in this order (sst, para, sts) so the baseline's heads draw the same random
         # numbers as before the switches existed.
         hidden = self.encoders()[0].config.hidden_size
-        pair_in = hidden if pair_encoding == "concat" else (3 if pair_head == "sbert" else 2) * hidden
         self.heads = nn.ModuleDict({"sst": _head(hidden, SST_CLASSES, head_layers, hidden, dropout)})
         for task in PAIR_TASKS:
-            if not self.cosine_output(task):
-                self.heads[task] = _head(pair_in, 1, head_layers, hidden, dropout)
+            head = self.head_kind(task)
+            if head in ("linear", "sbert", "hybrid"):  # hybrid's NN part is the linear head
+                features = "sbert" if head == "sbert" else "linear"
+                width = hidden if self.encoding(task) == "concat" else (3 if features == "sbert" else 2) * hidden
+                self.heads[task] = _head(width, 1, head_layers, hidden, dropout)
+            elif head == "cosine_linear":
+                self.heads[task] = nn.Linear(1, 1)
+                with torch.no_grad():  # start as head cosine, 5 * cos (module docstring)
+                    self.heads[task].weight.fill_(STS_MAX)
+                    self.heads[task].bias.zero_()
+        if sts_head == "hybrid" and self.sts_cosine_weight is None:
+            self.heads["sts_cosine_weight"] = _LearnedWeight()
         if self.freeze_encoder:
             for _, p in self.encoder_parameters():
                 p.requires_grad_(False)
@@ -161,13 +189,29 @@ class MultitaskModel(nn.Module):
 
     # ---- forward and loss
 
-    def cosine_output(self, task: str) -> bool:
-        """Whether the task's output is built from cos(u, v) (no head) rather than a head."""
-        if task == "para":
-            return self.pair_loss == "cosine_embedding"
-        if task == "sts":
-            return self.pair_loss == "cosine_embedding" or self.sts_head == "cosine"
-        return False
+    def encoding(self, task: str) -> str:
+        """How the task's pair is encoded for its head: separate (u, v) or concat; sst: separate."""
+        return {"para": self.para_encoding, "sts": self.sts_encoding}.get(task, "separate")
+
+    def head_kind(self, task: str) -> str:
+        return {"sst": "linear", "para": self.para_head, "sts": self.sts_head}[task]
+
+    def batch_encoding(self, task: str) -> str:
+        """What make_batch must build for the task: separate, concat, or both (a hybrid sts head on
+        concatenated pairs reads the pair as one sequence and its sentences one by one)."""
+        if task == "sts" and self.sts_head == "hybrid" and self.sts_encoding == "concat":
+            return "both"
+        return self.encoding(task)
+
+    def regression_output(self, task: str) -> bool:
+        """Whether the task's output is a number compared by squared error (sts; para with loss mse
+        or a cosine), not logits."""
+        return task == "sts" or (task == "para" and self.para_loss != "bce")
+
+    def para_threshold(self) -> float:
+        """The para output above which a pair is predicted a paraphrase: a logit's or a cosine's 0,
+        a 0/1 regression's 0.5."""
+        return PARA_MSE_THRESHOLD if self.para_loss == "mse" else 0.0
 
     def sentence_vectors(self, input_ids, attention_mask, task=None, token_type_ids=None) -> torch.Tensor:
         """One pooled vector per sequence, [B, H], no dropout; `task` picks the encoder and PALs."""
@@ -186,8 +230,9 @@ class MultitaskModel(nn.Module):
         padding, masked out), which gives the same vectors as two calls up to float rounding and
         runs bigger, faster matrix products (bench/README.md, "levers").
         """
-        if self.pair_encoding == "concat":
-            raise ValueError("pair_embeddings: pair_encoding concat has no separate sentence embeddings")
+        if "input_ids_1" not in batch:
+            raise ValueError(f"pair_embeddings: the {task} batch holds each pair as one sequence (encoding concat), "
+                             f"not its two sentences")
         ids, mask = stack_padded([batch["input_ids_1"], batch["input_ids_2"]],
                                  [batch["attention_mask_1"], batch["attention_mask_2"]])
         vectors = self.sentence_vectors(ids, mask, task)
@@ -195,24 +240,45 @@ class MultitaskModel(nn.Module):
         return vectors[:n], vectors[n:]
 
     def forward(self, task: str, batch: dict) -> torch.Tensor:
-        """sst: logits [B, 5]. para: logit [B], or cos(u, v) [B]; > 0 means paraphrase either way.
-        sts: predicted score [B], a head's or 5 * cos(u, v)."""
+        """sst: logits [B, 5]. para: [B], a logit (> 0: paraphrase), a 0/1 regression (> 0.5) or
+        cos(u, v) (> 0). sts: the predicted score [B] (module docstring)."""
         if task == "sst":
             return self.heads["sst"](self.embed(batch["input_ids"], batch["attention_mask"], task))
         if task not in PAIR_TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-        if self.pair_encoding == "concat":
-            if "token_type_ids" not in batch:
-                raise ValueError("pair_encoding concat needs the pair as one sequence: build the batch with "
-                                 "make_batch(..., pair_encoding='concat')")
-            joint = self.embed(batch["input_ids"], batch["attention_mask"], task, batch["token_type_ids"])
-            return self.heads[task](joint).squeeze(-1)
-        if self.cosine_output(task):
-            u, v = self.pair_embeddings(task, batch)
-            cos = F.cosine_similarity(u.float(), v.float(), dim=-1)
-            return cos if task == "para" else STS_MAX * cos
-        u, v = (self.dropout(x) for x in self.pair_embeddings(task, batch))  # embed() of each sentence
-        return self.heads[task](pair_features(u, v, self.pair_head)).squeeze(-1)
+        head = self.head_kind(task)
+        if head in ("linear", "sbert", "hybrid"):
+            if self.encoding(task) == "concat":
+                if "token_type_ids" not in batch:
+                    raise ValueError(f"{task} encoding concat needs the pair as one sequence: build the batch with "
+                                     f"make_batch(..., encoding=model.batch_encoding('{task}'))")
+                features = self.embed(batch["input_ids"], batch["attention_mask"], task, batch["token_type_ids"])
+                u = v = None
+            else:
+                u, v = self.pair_embeddings(task, batch)
+                features = pair_features(self.dropout(u), self.dropout(v), "sbert" if head == "sbert" else "linear")
+            score = self.heads[task](features).squeeze(-1)
+            if task == "para":
+                return score
+            score = self._bounded(score)
+            if head != "hybrid":
+                return score
+            if u is None:
+                u, v = self.pair_embeddings(task, batch)
+            w = self.heads["sts_cosine_weight"]() if self.sts_cosine_weight is None else self.sts_cosine_weight
+            return w * STS_MAX * _cosine(u, v) + (1 - w) * score
+        u, v = self.pair_embeddings(task, batch)
+        if head == "cosine":
+            return _cosine(u, v) if task == "para" else STS_MAX * _cosine(u, v)
+        if head == "dot":
+            return self._bounded((u.float() * v.float()).sum(-1))
+        if head == "cosine_linear":
+            return self._bounded(self.heads[task](_cosine(u, v).unsqueeze(-1)).squeeze(-1))
+        raise ValueError(f"{task}: unknown head {head!r}")
+
+    def _bounded(self, score: torch.Tensor) -> torch.Tensor:
+        """sts bound tanh: 2.5 * (tanh(x) + 1), in (0, 5); none: x."""
+        return STS_MAX / 2 * (torch.tanh(score) + 1) if self.sts_bound == "tanh" else score
 
     def loss(self, task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # The loss is computed in fp32 even when the forward pass ran under bf16 autocast.
@@ -220,11 +286,13 @@ class MultitaskModel(nn.Module):
         if task == "sst":
             return F.cross_entropy(output, labels.long())
         if task == "para":
-            if self.pair_loss == "cosine_embedding":
+            if self.para_loss == "cosine_embedding":
                 return cosine_embedding_loss(output, torch.where(labels >= 0.5, 1.0, -1.0))
+            if self.para_loss == "mse":
+                return F.mse_loss(output, labels)
             return F.binary_cross_entropy_with_logits(output, labels)
         if task == "sts":
-            if self.pair_loss == "cosine_embedding":
+            if self.sts_loss == "cosine_embedding":
                 return cosine_embedding_loss(output / STS_MAX, torch.where(labels >= STS_SIMILAR, 1.0, -1.0))
             return F.mse_loss(output, labels)
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
@@ -238,8 +306,10 @@ def build_model(cfg, encoder_dir) -> MultitaskModel:
     """The model cfg.model and cfg.loss describe: encoder(s) from encoder_dir, fresh heads (on CPU)."""
     m = cfg.model
     encoder = load_bert(encoder_dir, dropout=m.dropout)
-    return MultitaskModel(encoder, m.pooling, m.dropout, pair_encoding=m.pair_encoding, pair_head=m.pair_head,
-                          sts_head=m.sts_head, pair_loss=cfg.loss.pair_loss, head_layers=m.head_layers,
+    return MultitaskModel(encoder, m.pooling, m.dropout,
+                          para_encoding=m.para.encoding, para_head=m.para.head, para_loss=cfg.loss.para,
+                          sts_encoding=m.sts.encoding, sts_head=m.sts.head, sts_loss=cfg.loss.sts,
+                          sts_bound=m.sts.bound, sts_cosine_weight=m.sts.cosine_weight, head_layers=m.head_layers,
                           shared_encoder=m.shared_encoder, freeze_encoder=m.freeze_encoder,
                           pals_size=m.pals.size if m.pals.enabled else 0, pals_heads=m.pals.heads)
 
@@ -265,71 +335,80 @@ def cosine_embedding_loss(cos: torch.Tensor, target: torch.Tensor, margin: float
     return torch.where(target > 0, 1.0 - cos, (cos - margin).clamp(min=0.0)).mean()
 
 
-def mnr_loss(u: torch.Tensor, v: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+def mnr_loss(u: torch.Tensor, v: torch.Tensor, scale: float = 20.0, similarity: str = "cosine") -> torch.Tensor:
     """Multiple-negatives ranking loss (Henderson et al. 2017; SBERT's MultipleNegativesRankingLoss).
 
     Row i's positive is v_i, every other v_j of the batch a negative: cross entropy over the
-    logits scale * cos(u_i, v_j) with target i.
+    logits scale * sim(u_i, v_j) with target i; sim is cos(u_i, v_j), or with similarity "dot"
+    the dot product u_i . v_j (logits u v^T at scale 1).
     """
     if u.shape != v.shape or u.ndim != 2:
         raise ValueError(f"mnr_loss: u and v must both be [B, H], got {tuple(u.shape)} and {tuple(v.shape)}")
-    similarity = scale * F.normalize(u, dim=-1) @ F.normalize(v, dim=-1).T
-    return F.cross_entropy(similarity, torch.arange(len(u), device=u.device))
+    if similarity == "cosine":
+        u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
+    elif similarity != "dot":
+        raise ValueError(f"mnr_loss: similarity must be 'cosine' or 'dot', got {similarity!r}")
+    return F.cross_entropy(scale * u @ v.T, torch.arange(len(u), device=u.device))
 
 
-def make_batch(task: str, split, idx, device, pair_encoding: str = "separate") -> dict:
+def make_batch(task: str, split, idx, device, encoding: str = "separate") -> dict:
     """The tensors forward() needs for rows `idx` of a split, on `device` (plus labels if the split has them).
 
-    pair_encoding concat: a pair is one sequence, keys input_ids, attention_mask, token_type_ids.
+    A pair task's `encoding` (model.batch_encoding(task)): separate: each sentence on its own,
+    keys input_ids_1, attention_mask_1, input_ids_2, attention_mask_2; concat: a pair is one
+    sequence, keys input_ids, attention_mask, token_type_ids; both: all of them.
     """
+    if encoding not in ("separate", "concat", "both"):
+        raise ValueError(f"make_batch: encoding must be separate, concat or both, got {encoding!r}")
     idx = np.asarray(idx)
     batch = {}
-    if task in PAIR_TASKS and pair_encoding == "concat":
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    if task in PAIR_TASKS and encoding in ("concat", "both"):
         for key, tensor in zip(("input_ids", "attention_mask", "token_type_ids"), pair_batch(split, idx)):
             batch[key] = tensor.to(device, non_blocking=True)
-    elif task in TASKS:
+    if task == "sst" or encoding in ("separate", "both"):
         columns = {"": "input_ids"} if task == "sst" else {"_1": "input_ids_1", "_2": "input_ids_2"}
         for suffix, column in columns.items():
             input_ids, attention_mask = pad_batch(split, column, idx)
             batch["input_ids" + suffix] = input_ids.to(device, non_blocking=True)
             batch["attention_mask" + suffix] = attention_mask.to(device, non_blocking=True)
-    else:
-        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
     if split.labels is not None:
         batch["labels"] = labels_tensor(split, idx).to(device, non_blocking=True)
     return batch
 
 
-def batch_lengths(task: str, split, pair_encoding: str = "separate") -> np.ndarray:
+def batch_lengths(task: str, split, encoding: str = "separate") -> np.ndarray:
     """Per-row length to bucket by: the sentence's; for a pair the longer of the two, or with
-    concat the joined sequence's (the second [CLS] dropped)."""
+    concat (and both) the joined sequence's (the second [CLS] dropped)."""
     if task == "sst":
         return np.asarray(split.lengths("input_ids"))
     a, b = np.asarray(split.lengths("input_ids_1")), np.asarray(split.lengths("input_ids_2"))
-    return a + b - 1 if pair_encoding == "concat" else np.maximum(a, b)
+    return a + b - 1 if encoding in ("concat", "both") else np.maximum(a, b)
 
 
 @torch.no_grad()
 def predict(model: MultitaskModel, task: str, split, batch_size: int, device) -> np.ndarray:
     """Predictions for every row, in the split's row order.
 
-    sst: class 0..4 (int64); para: 0/1 (int64, logit > 0, i.e. sigmoid > 0.5, or cosine > 0);
-    sts: score clipped to [0, 5] (float32).
+    sst: class 0..4 (int64); para: 0/1 (int64, output above model.para_threshold(): a logit > 0,
+    i.e. sigmoid > 0.5, a cosine > 0, a 0/1 regression > 0.5); sts: score clipped to [0, 5] (float32).
     """
     was_training = model.training
     model.eval()
     n = len(split)
     out = np.zeros(n, dtype=np.float32 if task == "sts" else np.int64)
+    encoding = model.batch_encoding(task)
     try:
-        for idx in bucketed_batches(batch_lengths(task, split, model.pair_encoding), batch_size, None):
-            batch = make_batch(task, split, idx, device, model.pair_encoding)
+        for idx in bucketed_batches(batch_lengths(task, split, encoding), batch_size, None):
+            batch = make_batch(task, split, idx, device, encoding)
             with autocast(torch.device(device)):
                 output = model(task, batch)
             output = output.float()
             if task == "sst":
                 values = output.argmax(dim=-1)
             elif task == "para":
-                values = (output > 0).long()
+                values = (output > model.para_threshold()).long()
             else:
                 values = output.clamp(0.0, STS_MAX)
             out[np.asarray(idx)] = values.cpu().numpy()
@@ -380,7 +459,7 @@ def load_multitask(model_dir, device="cpu") -> MultitaskModel:
     for key in ("pooling", "heads"):
         if key not in meta:
             raise ValueError(f"{meta_path}: missing key '{key}'")
-    switches = meta.get("switches", {})  # absent: a baseline model written before the switches
+    switches = _per_task_switches(meta.get("switches", {}))  # absent: a baseline model written before the switches
     unknown = set(switches) - set(SWITCHES)
     if unknown:
         raise ValueError(f"{meta_path}: unknown switches {sorted(unknown)} (known: {list(SWITCHES)})")
@@ -409,6 +488,61 @@ def load_multitask(model_dir, device="cpu") -> MultitaskModel:
 
 # ---------------------------------------------------------------- helpers
 
+
+def _check_switches(**switches) -> None:
+    """The combinations pipeline/config.py rejects, for a model built or loaded without a config."""
+    for name, value in switches.items():
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {list(CHOICES[name])}, got {value!r}")
+    for task in PAIR_TASKS:
+        if switches[f"{task}_encoding"] == "concat" and switches[f"{task}_head"] in SIAMESE_HEADS[task]:
+            raise ValueError(f"{task}_encoding concat encodes a pair as one sequence; {task}_head "
+                             f"{switches[f'{task}_head']} needs two sentence embeddings")
+    if (switches["para_head"] == "cosine") != (switches["para_loss"] == "cosine_embedding"):
+        raise ValueError("para_head cosine and para_loss cosine_embedding go together")
+    if switches["sts_loss"] == "cosine_embedding" and switches["sts_head"] != "cosine":
+        raise ValueError("sts_loss cosine_embedding needs sts_head cosine")
+    weight = switches["sts_cosine_weight"]
+    if weight is not None and (switches["sts_head"] != "hybrid" or not 0 < weight < 1):
+        raise ValueError(f"sts_cosine_weight is hybrid's fixed weight in (0, 1); got {weight!r} "
+                         f"with sts_head {switches['sts_head']}")
+    if switches["sts_bound"] == "tanh" and switches["sts_head"] == "cosine":
+        raise ValueError("sts_bound tanh bounds a head's number; sts_head cosine is already 5 * cos(u, v)")
+
+
+def _per_task_switches(switches: dict) -> dict:
+    """multitask.json switches of a model written when pair encoding, head and loss were one
+    setting for both pair tasks (pair_encoding, pair_head, sts_head, pair_loss), as per-task ones."""
+    if not set(LEGACY_SWITCHES) & set(switches):
+        return dict(switches)
+    switches = dict(switches)
+    encoding = switches.pop("pair_encoding", "separate")
+    pair_head = switches.pop("pair_head", "linear")
+    old_sts_head = switches.pop("sts_head", "linear")
+    if switches.pop("pair_loss", "default") == "cosine_embedding":
+        heads = {"para_head": "cosine", "para_loss": "cosine_embedding",
+                 "sts_head": "cosine", "sts_loss": "cosine_embedding"}
+    else:
+        heads = {"para_head": pair_head, "sts_head": "cosine" if old_sts_head == "cosine" else pair_head}
+    return {"para_encoding": encoding, "sts_encoding": encoding, **heads, **switches}
+
+
+class _LearnedWeight(nn.Module):
+    """w = sigmoid(theta), the hybrid sts head's learned weight of 5 * cos(u, v); theta starts at 0 (w = 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(()))
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.theta)
+
+
+def _cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """cos(u_i, v_i) per row, in fp32 (under bf16 autocast the vectors are bf16)."""
+    return F.cosine_similarity(u.float(), v.float(), dim=-1)
+
+
 class _BatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d that normalises a one-row training batch with its running statistics:
     batch statistics of a single row do not exist (the last batch of a bucket can be one row)."""
@@ -429,18 +563,28 @@ def _head(in_features: int, out_features: int, layers: int, hidden: int, dropout
 
 
 def _head_description(model: MultitaskModel, task: str) -> dict:
-    if model.cosine_output(task):
-        if task == "para":
-            return {"input": "cos(u, v)", "output": "cosine (> 0: paraphrase)", "loss": "cosine_embedding"}
-        loss = "cosine_embedding" if model.pair_loss == "cosine_embedding" else "mse"
-        return {"input": "cos(u, v)", "output": "score 5 * cos(u, v)", "loss": loss}
-    head = model.heads[task]
-    first, last = (head, head) if isinstance(head, nn.Linear) else (head[0], head[-1])
-    inputs = {"sst": "u", "para": None, "sts": None}[task] or (
-        "pooled [CLS] a [SEP] b [SEP]" if model.pair_encoding == "concat"
-        else "[u; v; |u - v|]" if model.pair_head == "sbert" else "[u; v]")
-    output, loss = {"sst": ("logits", "cross_entropy"), "para": ("logit", "bce_with_logits"),
-                    "sts": ("score 0..5", "mse")}[task]
+    """What multitask.json says about a task's head: what it reads, outputs and is trained with."""
+    head = model.head_kind(task)
+    concat = model.encoding(task) == "concat"
+    loss = {"sst": "cross_entropy", "para": {"bce": "bce_with_logits"}.get(model.para_loss, model.para_loss),
+            "sts": model.sts_loss}[task]
+    bound = " in 2.5 * (tanh(x) + 1)" if task == "sts" and model.sts_bound == "tanh" else ""
+    if head == "cosine":
+        output = "cosine (> 0: paraphrase)" if task == "para" else "score 5 * cos(u, v)"
+        return {"input": "cos(u, v)", "output": output, "loss": loss}
+    if head == "dot":
+        return {"input": "u . v", "output": f"score u . v{bound}", "loss": loss}
+    if head == "cosine_linear":
+        return {"input": "cos(u, v)", "output": f"score a * cos(u, v) + b{bound}", "loss": loss}
+    module = model.heads[task]
+    first, last = (module, module) if isinstance(module, nn.Linear) else (module[0], module[-1])
+    inputs = "u" if task == "sst" else (
+        "pooled [CLS] a [SEP] b [SEP]" if concat else "[u; v; |u - v|]" if head == "sbert" else "[u; v]")
+    output = {"sst": "logits", "para": "0/1 regression" if model.para_loss == "mse" else "logit",
+              "sts": f"score{bound}"}[task]
+    if head == "hybrid":
+        w = "learned sigmoid(theta)" if model.sts_cosine_weight is None else model.sts_cosine_weight
+        output = f"w * 5 * cos(u, v) + (1 - w) * head {output}, w {w}"
     return {"input": inputs, "in_features": first.in_features, "out_features": last.out_features,
             "layers": model.head_layers, "output": output, "loss": loss}
 

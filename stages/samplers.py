@@ -10,6 +10,10 @@ Every task per step:
 - summed: one batch of every task, the losses summed into one backward; the epoch is as long
   as the largest task (the smaller ones cycle through their batches again).
 N_i is the task's number of training batches.
+
+Per task, train.task_epochs limits the epochs a task trains in (batch_counts gives it no batches
+after them, so every mode leaves it out of later epochs' plans and shares the steps among the
+others) and train.data_fraction the rows it trains on (train_rows).
 """
 
 import numpy as np
@@ -25,6 +29,30 @@ def annealed_alpha(epoch: int, epochs: int, start: float = 1.0, end: float = 0.2
     if epochs == 1:
         return float(start)
     return float(start + (end - start) * epoch / (epochs - 1))
+
+
+def batch_counts(rows_per_task: dict[str, int], batch_size: int, epoch: int,
+                 task_epochs: dict[str, int | None] | None = None) -> dict[str, int]:
+    """N_i for 0-based `epoch`: ceil(rows / batch_size), or 0 for a task whose `task_epochs`
+    (None: every epoch) are used up."""
+    task_epochs = task_epochs or {}
+    counts = {}
+    for task, rows in rows_per_task.items():
+        last = task_epochs.get(task)
+        counts[task] = 0 if last is not None and epoch >= last else -(-rows // batch_size)
+    return counts
+
+
+def train_rows(n_rows: int, fraction: float, seed: int) -> np.ndarray:
+    """The row indices a task trains on, ascending: all of them, or a random round(fraction * n)
+    (at least 1) drawn from `seed` alone, so the subset is the same in every epoch and does not
+    shift the batch plan's random draws."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_rows: fraction must be in (0, 1], got {fraction}")
+    if fraction == 1 or n_rows == 0:
+        return np.arange(n_rows)
+    size = max(1, round(fraction * n_rows))
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=size, replace=False))
 
 
 def task_probabilities(sizes: dict[str, int], mode: str, alpha: float = 1.0) -> dict[str, float]:

@@ -10,7 +10,8 @@ Two extra loss terms per batch:
   model whose weights follow the model with momentum proximal_beta after every step.
 D_sym is the symmetric divergence of the task's output: symmetric KL of the sst class
 distributions and of the para Bernoulli, squared error of the sts scores (and of a para
-output that is a cosine, model.cosine_output, rather than a logit).
+output that is a number rather than a logit, model.regression_output: a cosine or a 0/1
+regression).
 
 Every extra forward pass replays the random state of the clean pass, so dropout draws the same
 masks and a term measures only the perturbation (zero perturbation, zero term).
@@ -54,7 +55,7 @@ def smart_adversarial_loss(model: nn.Module, task: str, batch: dict, clean_outpu
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     with perturbation.active():
         noisy = perturbation.forward(model, task, batch, device, rng_state)
-        ascent = symmetric_divergence(task, noisy, clean_output.detach(), _cosine(model, task))
+        ascent = symmetric_divergence(task, noisy, clean_output.detach(), _regression(model, task))
         grads = torch.autograd.grad(ascent, perturbation.deltas, allow_unused=True)
         perturbation.deltas = [_ascend(d, g, smart_cfg.step_size, smart_cfg.epsilon)
                                for d, g in zip(perturbation.deltas, grads)]
@@ -62,7 +63,7 @@ def smart_adversarial_loss(model: nn.Module, task: str, batch: dict, clean_outpu
     with torch.no_grad():
         for buffer, saved in buffers:
             buffer.copy_(saved)
-    return smart_cfg.weight * symmetric_divergence(task, adversarial, clean_output, _cosine(model, task))
+    return smart_cfg.weight * symmetric_divergence(task, adversarial, clean_output, _regression(model, task))
 
 
 def make_proximal_copy(model: nn.Module) -> nn.Module:
@@ -81,7 +82,7 @@ def proximal_loss(proximal: nn.Module, task: str, batch: dict, clean_output: Ten
     with torch.no_grad():
         proximal.train()
         anchor = _forward(proximal, task, batch, clean_output.device, rng_state)
-    return smart_cfg.proximal_weight * symmetric_divergence(task, clean_output, anchor, _cosine(proximal, task))
+    return smart_cfg.proximal_weight * symmetric_divergence(task, clean_output, anchor, _regression(proximal, task))
 
 
 @torch.no_grad()
@@ -93,9 +94,9 @@ def update_proximal(proximal: nn.Module, model: nn.Module, beta: float) -> None:
         b_tilde.copy_(b)
 
 
-def symmetric_divergence(task: str, a: Tensor, b: Tensor, cosine: bool = False) -> Tensor:
+def symmetric_divergence(task: str, a: Tensor, b: Tensor, regression: bool = False) -> Tensor:
     """Batch mean of D_sym(a, b) for the task's outputs (sst logits [B, 5], para logit [B], sts score [B];
-    `cosine`: the output is a cosine, compared by squared error).
+    `regression`: the para output is a number (a cosine, a 0/1 regression), compared by squared error).
 
     Symmetric KL, KL(p||q) + KL(q||p) = sum_k (p_k - q_k)(log p_k - log q_k); for a Bernoulli
     with logits a, b that is (sigmoid(a) - sigmoid(b)) (a - b).
@@ -104,7 +105,7 @@ def symmetric_divergence(task: str, a: Tensor, b: Tensor, cosine: bool = False) 
     if task == "sst":
         log_p, log_q = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
         return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()
-    if task == "para" and not cosine:
+    if task == "para" and not regression:
         return ((torch.sigmoid(a) - torch.sigmoid(b)) * (a - b)).mean()
     if task in ("para", "sts"):
         return ((a - b) ** 2).mean()
@@ -156,8 +157,8 @@ class _EmbeddingPerturbation:
         return output + self.deltas[k].to(output.dtype)
 
 
-def _cosine(model, task: str) -> bool:
-    return bool(getattr(model, "cosine_output", lambda _task: False)(task))
+def _regression(model, task: str) -> bool:
+    return bool(getattr(model, "regression_output", lambda _task: False)(task))
 
 
 def _forward(model, task, batch, device, rng_state):

@@ -20,7 +20,7 @@ from tests.conftest import mlflow_runs, run_pipeline, write_experiment
 GRID = """# test grid: two variants
 variants:
   baseline: {}
-  concat_pairs: {model.pair_encoding: concat}
+  concat_pairs: {model.para.encoding: concat, model.sts.encoding: concat}
 """
 SEEDS = 2
 
@@ -99,7 +99,7 @@ def test_parent_and_one_run_per_variant_and_seed(runs):
     for r in variants:
         assert r.info.status == "FINISHED"
         # The same params as a plain run: the whole flattened config, the variant's change included.
-        assert r.data.params["model.pair_encoding"] == ("concat" if r.data.tags["ablation"] == "concat_pairs" else "separate")
+        assert r.data.params["model.para.encoding"] == ("concat" if r.data.tags["ablation"] == "concat_pairs" else "separate")
         assert r.data.params["seed"] == r.data.tags["seed"]
         for m in ("dev/sst_acc", "dev/para_acc", "dev/sts_corr", "dev/overall"):
             assert 0 <= r.data.metrics[m] <= 1 or m == "dev/sts_corr"

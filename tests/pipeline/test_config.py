@@ -166,3 +166,84 @@ def test_a_partly_given_section_keeps_its_parents_defaults(tmp_path):
     cfg = apply_overrides(PipelineConfig(), ["stages.mlm_pretrain={num_cpus: 1}", "train.smart={enabled: true}"])
     assert cfg.stages.mlm_pretrain.enabled is False and cfg.train.smart.enabled is True
     assert cfg.train.smart.weight == PipelineConfig().train.smart.weight
+
+
+# ---------------------------------------------------------------- the published recipes' switches (issue 12)
+
+
+def test_each_pair_task_chooses_its_encoding_and_head(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  para: {encoding: concat}\n  sts: {head: cosine}\n"))
+    assert (cfg.model.para.encoding, cfg.model.para.head) == ("concat", "linear")
+    assert (cfg.model.sts.encoding, cfg.model.sts.head) == ("separate", "cosine")
+    cfg = apply_overrides(PipelineConfig(), ["model.sts.encoding=concat", "model.sts.head=hybrid",
+                                             "model.sts.cosine_weight=0.5", "model.sts.bound=tanh"])
+    assert (cfg.model.sts.head, cfg.model.sts.cosine_weight, cfg.model.sts.bound) == ("hybrid", 0.5, "tanh")
+    assert flatten(cfg)["model.sts.head"] == "hybrid" and flatten(cfg)["model.para.encoding"] == "separate"
+    # the defaults are the old baseline: both separate, linear heads, BCE / MSE
+    d = PipelineConfig()
+    assert (d.model.para.encoding, d.model.para.head, d.model.sts.encoding, d.model.sts.head, d.model.sts.bound,
+            d.loss.para, d.loss.sts) == ("separate", "linear", "separate", "linear", "none", "bce", "mse")
+
+
+def test_the_old_global_pair_keys_are_unknown_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp\.yaml:2: unknown key 'model\.pair_encoding'.*renamed: use "
+                                          r"model\.para\.encoding and model\.sts\.encoding"):
+        load_config(write(tmp_path, "model:\n  pair_encoding: concat\n"))
+    with pytest.raises(ConfigError, match="unknown key 'model.sts_head'"):
+        apply_overrides(PipelineConfig(), ["model.sts_head=cosine"])
+    with pytest.raises(ConfigError, match="unknown key 'loss.pair_loss'"):
+        apply_overrides(PipelineConfig(), ["loss.pair_loss=cosine_embedding"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.sts.encoding=concat", "model.sts.head=cosine"],
+     r"model\.sts\.head: cosine needs two sentence embeddings, but model\.sts\.encoding: concat"),
+    (["model.sts.encoding=concat", "model.sts.head=dot"], r"model\.sts\.head: dot needs two sentence embeddings"),
+    (["model.sts.encoding=concat", "model.sts.head=cosine_linear"], r"model\.sts\.head: cosine_linear needs two"),
+    (["model.para.encoding=concat", "model.para.head=sbert"], r"model\.para\.head: sbert needs two sentence"),
+    (["model.para.head=cosine"], r"model\.para\.head: cosine and loss\.para: cosine_embedding go together"),
+    (["loss.para=cosine_embedding"], r"model\.para\.head: cosine and loss\.para: cosine_embedding go together"),
+    (["loss.sts=cosine_embedding", "model.sts.head=dot"], r"loss\.sts: cosine_embedding .* needs model\.sts\.head: cosine"),
+    (["model.sts.cosine_weight=0.5"], r"model\.sts\.cosine_weight .* hybrid; with head linear it would do nothing"),
+    (["model.sts.head=hybrid", "model.sts.cosine_weight=1.0"], r"model\.sts\.cosine_weight must be in \(0, 1\)"),
+    (["model.sts.head=cosine", "model.sts.bound=tanh"], r"model\.sts\.bound: tanh .* model\.sts\.head: cosine"),
+    (["loss.sts_mnr_epochs=1"], r"loss\.sts_mnr_epochs needs model\.sts\.head: cosine or dot .*, got linear"),
+    (["model.sts.head=dot", "loss.sts_mnr_epochs=1", "train.epochs=3", "train.task_epochs.sts=1"],
+     r"loss\.sts_mnr_epochs \(1\) must be below sts's epochs \(train\.epochs / train\.task_epochs\.sts: 1\)"),
+    (["loss.mnr_similarity=dot"], r"loss\.mnr_similarity: dot only acts with loss\.sts_mnr_epochs > 0"),
+    (["loss.mnr_scale=5"], r"loss\.mnr_scale: 5\.0 only acts with loss\.sts_mnr_epochs > 0"),
+    (["train.lr_schedule=step"], r"train\.lr_schedule: expected one of \['constant', 'linear', 'cosine'\]"),
+    (["train.task_epochs.para=3"], r"train\.task_epochs\.para must be in 1\.\.train\.epochs \(2\), got 3"),
+    (["train.task_epochs.para=0"], r"train\.task_epochs\.para must be in 1\.\.train\.epochs"),
+    (["train.data_fraction.para=0"], r"train\.data_fraction\.para must be in \(0, 1\], got 0"),
+    (["train.data_fraction.sts=1.5"], r"train\.data_fraction\.sts must be in \(0, 1\]"),
+    (["train.task_epochs.sts=1", "loss.weights.sts=0"], r"train\.task_epochs\.sts is set but loss\.weights\.sts is 0"),
+    (["train.epochs=5", "train.task_epochs={sst: 2, para: 1, sts: 3}"],
+     r"every trained task stops before train\.epochs \(5\) .* set train\.epochs to 3"),
+])
+def test_recipe_switches_that_cannot_mean_anything_are_errors_naming_the_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(PipelineConfig(), overrides)
+
+
+def test_recipe_switch_combinations_that_do_mean_something_load():
+    for overrides in (
+            ["model.para.encoding=concat", "model.sts.head=cosine"],  # report D's CoSim
+            ["model.para.encoding=concat", "model.sts.encoding=concat", "model.sts.head=hybrid"],  # report C row E
+            ["model.sts.head=cosine", "loss.sts_mnr_epochs=1", "loss.mnr_similarity=dot"],  # report D's MNR
+            ["model.sts.head=dot", "model.sts.bound=tanh", "loss.sts_mnr_epochs=1", "loss.mnr_scale=2"],
+            ["model.shared_encoder=false", "model.para.encoding=concat", "model.sts.encoding=concat", "loss.para=mse",
+             "train.epochs=5", "train.task_epochs.para=1", "train.sampling=sequential", "model.dropout=0.0"],  # report A
+            ["train.task_epochs={sst: 1, para: 1}", "loss.weights.sts=1"],  # sts trains all of train.epochs
+            ["train.task_epochs.sst=1", "loss.weights.para=0", "loss.weights.sts=0", "train.epochs=1"],
+            ["train.data_fraction.para=0.1", "train.lr_schedule=constant", "train.warmup_ratio=0"]):
+        apply_overrides(PipelineConfig(), overrides)
+
+
+def test_the_shipped_config_keeps_the_old_baseline():
+    cfg = load_config(REPO / "pipeline.yaml")
+    assert (cfg.model.para.encoding, cfg.model.para.head, cfg.model.sts.encoding, cfg.model.sts.head) == \
+        ("separate", "linear", "separate", "linear")
+    assert (cfg.train.lr_schedule, cfg.loss.para, cfg.loss.sts) == ("linear", "bce", "mse")
+    assert cfg.train.task_epochs == PipelineConfig().train.task_epochs
+    assert cfg.train.data_fraction == PipelineConfig().train.data_fraction

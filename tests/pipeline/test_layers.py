@@ -15,6 +15,7 @@ from tests.conftest import REPO
 LAYERS = [
     ["constants", "yamlfile"],
     ["typed"],
+    ["config_rules"],
     ["config"],
     ["store", "tracking", "grids", "search_space", "cron", "submission"],
     ["prepare", "registry", "comparison", "lifecycle"],

@@ -101,6 +101,10 @@ FINETUNE_SETUPS = {
     "pcgrad_lookahead_normalized": {"train.sampling": "summed", "train.pcgrad": True, "train.lookahead": True,
                                     "train.lookahead_k": 2, "loss.weighting": "normalized",
                                     "train.steps_per_epoch": 8},
+    # per-task encodings and a learned hybrid weight (optimizer state of its own), a cosine lr, a
+    # part of sst's rows (24: 2 batches) and para in epoch 1 only: epoch 1 has 2 + 3 + 3 = 8 steps
+    "recipe_switches": {"model.para.encoding": "concat", "model.sts.head": "hybrid", "train.lr_schedule": "cosine",
+                        "train.data_fraction.sst": 0.5, "train.task_epochs.para": 1},
 }
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import numpy as np
@@ -8,9 +9,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pipeline.config import PipelineConfig, apply_overrides
 from stages import data_prep, finetune
-from stages.finetune import _linear_warmup_decay, _param_groups, _RunningLossScale
+from stages.finetune import _param_groups, _RunningLossScale, lr_factor
 from stages.multitask_model import load_multitask, predict
 from stages.batches import load_split
+from stages.samplers import train_rows
 from tests.stages.test_checkpoint import run_killed_after
 
 
@@ -174,9 +176,27 @@ def test_missing_manifest_is_a_clear_error(shared_data_dir, tiny_model_dir, tmp_
 
 def test_linear_warmup_then_decay_schedule():
     # 10 steps, 4 warmup: (s + 1) / 5 up to step 3, then (10 - s) / 6 down to 1/6 at step 9
-    values = [_linear_warmup_decay(s, 4, 10) for s in range(10)]
+    values = [lr_factor("linear", s, 4, 10) for s in range(10)]
     assert values == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
-    assert _linear_warmup_decay(0, 0, 4) == 1.0 and _linear_warmup_decay(3, 0, 4) == 0.25
+    assert lr_factor("linear", 0, 0, 4) == 1.0 and lr_factor("linear", 3, 0, 4) == 0.25
+
+
+def test_constant_and_cosine_schedules_by_hand():
+    # constant: the same warmup (s + 1) / 5, then 1 to the end; no warmup: 1 from the first step
+    assert [lr_factor("constant", s, 4, 10) for s in range(10)] == pytest.approx([0.2, 0.4, 0.6, 0.8] + [1.0] * 6)
+    assert [lr_factor("constant", s, 0, 3) for s in range(3)] == [1.0, 1.0, 1.0]
+    # cosine, 10 steps, 4 warmup: after the warmup (1 + cos(pi * (s - 4) / 6)) / 2:
+    # s = 4: 1; 5: (1 + cos(pi/6)) / 2 = (2 + sqrt 3) / 4; 7: (1 + cos(pi/2)) / 2 = 1/2;
+    # 9: (1 + cos(5 pi/6)) / 2 = (2 - sqrt 3) / 4; at 10 (= total) it reaches 0
+    r3 = 3 ** 0.5
+    assert [lr_factor("cosine", s, 4, 10) for s in range(4, 11)] == pytest.approx(
+        [1.0, (2 + r3) / 4, 0.75, 0.5, 0.25, (2 - r3) / 4, 0.0])
+    assert [lr_factor("cosine", s, 4, 10) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    # no warmup, 4 steps: (1 + cos(pi * s / 4)) / 2
+    assert [lr_factor("cosine", s, 0, 4) for s in range(4)] == pytest.approx(
+        [1.0, (2 + 2 ** 0.5) / 4, 0.5, (2 - 2 ** 0.5) / 4])
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor("step", 0, 0, 4)
 
 
 def test_normalized_weighting_divides_by_the_running_mean_on_a_hand_sequence():
@@ -302,14 +322,14 @@ def test_sts_trains_with_mnr_on_similar_pairs_first_then_the_cosine_loss(batch_s
             seen.append([int((batch["labels"] >= 4).sum()), None])
         return batch
 
-    def mnr_loss(u, v, scale):
-        assert scale == 7.0
+    def mnr_loss(u, v, scale, similarity):
+        assert (scale, similarity) == (7.0, "cosine")
         seen[-1][1] = len(u)
-        return real_mnr(u, v, scale)
+        return real_mnr(u, v, scale, similarity)
 
     monkeypatch.setattr(finetune, "make_batch", make_batch)
     monkeypatch.setattr(finetune, "mnr_loss", mnr_loss)
-    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"model.sts_head": "cosine", "loss.sts_mnr_epochs": 1,
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"model.sts.head": "cosine", "loss.sts_mnr_epochs": 1,
                                                    "loss.mnr_scale": 7.0, "train.sampling": "round_robin",
                                                    "train.batch_size": batch_size})
     _, logged = _run(cfg, prepared, tmp_path)
@@ -345,3 +365,91 @@ def test_fused_adamw_on_cpu_gives_the_default_update(tiny_model_dir):
             optimizer.step()
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- per-task epochs, train fractions, lr schedules
+
+
+def _record_batches(monkeypatch):
+    """(task, row indices) of every training batch built, and len() of every split predicted."""
+    batches, predicted = [], []
+    real_make_batch, real_predict = finetune.make_batch, finetune.predict
+
+    def make_batch(task, split, idx, device, *args):
+        batches.append((task, np.asarray(idx).copy()))
+        return real_make_batch(task, split, idx, device, *args)
+
+    def predict(model, task, split, *args):
+        predicted.append((task, len(split)))
+        return real_predict(model, task, split, *args)
+
+    monkeypatch.setattr(finetune, "make_batch", make_batch)
+    monkeypatch.setattr(finetune, "predict", predict)
+    return batches, predicted
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "round_robin", "summed"])
+def test_a_task_trains_only_its_own_epochs(sampling, monkeypatch, prepared, shared_data_dir, tiny_model_dir, tmp_path):
+    batches, predicted = _record_batches(monkeypatch)
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.epochs": 3, "train.task_epochs.para": 1,
+                                                   "train.task_epochs.sts": 2, "train.sampling": sampling})
+    _, logged = _run(cfg, prepared, tmp_path)
+    # 48 rows, batch 16: 3 batches per task; sequential: epoch 1 all 9, epoch 2 sst + sts (6), epoch 3 sst (3);
+    # round robin: 3 x the smallest (3) = 9, then 2 x 3, then 3; summed: 3 steps of every task still training
+    tasks = [t for t, _ in batches]
+    per_epoch = [tasks[:9], tasks[9:15], tasks[15:]]
+    assert len(tasks) == 18
+    assert sorted(per_epoch[0]) == ["para"] * 3 + ["sst"] * 3 + ["sts"] * 3
+    assert sorted(per_epoch[1]) == ["sst"] * 3 + ["sts"] * 3
+    assert per_epoch[2] == ["sst"] * 3
+    assert "train/loss_para" in logged[0][1] and "train/loss_para" not in logged[1][1]
+    assert "train/loss_sts" in logged[1][1] and "train/loss_sts" not in logged[2][1]
+    # every epoch still scores all three dev splits
+    assert [t for t, _ in predicted] == ["sst", "para", "sts"] * 3
+
+
+def test_a_data_fraction_trains_on_that_share_of_the_train_rows_and_scores_the_whole_dev_split(
+        monkeypatch, prepared, shared_data_dir, tiny_model_dir, tmp_path, capsys):
+    batches, predicted = _record_batches(monkeypatch)
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.data_fraction.para": 0.25, "train.sampling": "sequential"})
+    _run(cfg, prepared, tmp_path)
+    rows = {t: np.concatenate([idx for task, idx in batches if task == t]) for t in ("sst", "para", "sts")}
+    # round(0.25 * 48) = 12 para rows, in one batch of 12 per step; each used once per pass over them
+    para_rows = set(rows["para"].tolist())
+    assert len(para_rows) == 12 and para_rows == set(train_rows(48, 0.25, seed=cfg.seed + 1).tolist())
+    assert all(len(idx) == 12 for task, idx in batches if task == "para")
+    assert len(set(rows["sst"].tolist())) == 48 and len(set(rows["sts"].tolist())) == 48
+    # sequential: each task's batches once per epoch, para's 12 rows one batch
+    assert [t for t, _ in batches] == (["sst"] * 3 + ["para"] + ["sts"] * 3) * 2
+    assert ("para", 48) in predicted  # dev stays whole
+    assert "para trains on 12 of its 48 train rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("schedule,factor_after_epoch_1", [
+    # 9 steps per epoch, 18 in all, warmup int(0.25 * 18) = 4; train/lr is the factor after 9 steps
+    ("constant", 1.0),
+    ("linear", (18 - 9) / 14),
+    ("cosine", (1 + math.cos(math.pi * 5 / 14)) / 2),
+])
+def test_the_lr_schedule_drives_the_optimizer(schedule, factor_after_epoch_1, prepared, shared_data_dir,
+                                              tiny_model_dir, tmp_path):
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.sampling": "round_robin", "train.warmup_ratio": 0.25,
+                                                   "train.lr_schedule": schedule})
+    _, logged = _run(cfg, prepared, tmp_path)
+    assert logged[0][1]["train/lr"] == pytest.approx(1e-3 * factor_after_epoch_1)
+    assert logged[1][1]["train/lr"] == pytest.approx(1e-3 if schedule == "constant" else 0.0, abs=1e-12)
+
+
+def test_mnr_scored_by_dot_product_gets_scale_1(monkeypatch, prepared, shared_data_dir, tiny_model_dir, tmp_path):
+    calls = []
+    real = finetune.mnr_loss
+
+    def mnr_loss(u, v, scale, similarity):
+        calls.append((scale, similarity))
+        return real(u, v, scale, similarity)
+
+    monkeypatch.setattr(finetune, "mnr_loss", mnr_loss)
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"model.sts.head": "dot", "loss.sts_mnr_epochs": 1,
+                                                   "loss.mnr_similarity": "dot", "train.sampling": "round_robin"})
+    _run(cfg, prepared, tmp_path)
+    assert calls and set(calls) == {(1.0, "dot")}

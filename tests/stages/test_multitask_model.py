@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from pipeline.config import PipelineConfig, apply_overrides
 from stages.batches import load_split
 from stages.encoder import load_bert, pool
-from stages.multitask_model import (MultitaskModel, batch_lengths, build_model, load_multitask, make_batch,
-                                    mnr_loss, pair_features, predict, save_multitask)
+from stages.multitask_model import (MultitaskModel, _per_task_switches, batch_lengths, build_model, load_multitask,
+                                    make_batch, mnr_loss, pair_features, predict, save_multitask)
 
 
 
@@ -176,11 +176,11 @@ PAIR = _pair(torch.tensor([[101, 2023, 2003, 102, 0], [101, 7592, 102, 0, 0], [1
 
 
 def test_concat_encodes_the_pair_once_with_token_types(tiny_model_dir, prepared):
-    model = _switched(tiny_model_dir, pair_encoding="concat", pooling="cls")
+    model = _switched(tiny_model_dir, para_encoding="concat", sts_encoding="concat", pooling="cls")
     assert model.heads["para"].in_features == model.heads["sts"].in_features == 32
     split = load_split(prepared / "para-dev.arrow")
     idx = np.array([4, 1])
-    batch = make_batch("para", split, idx, "cpu", pair_encoding="concat")
+    batch = make_batch("para", split, idx, "cpu", encoding="concat")
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     a, b = split.lengths("input_ids_1")[idx], split.lengths("input_ids_2")[idx]
     np.testing.assert_array_equal(batch["attention_mask"].sum(1).numpy(), a + b - 1)
@@ -193,10 +193,10 @@ def test_concat_encodes_the_pair_once_with_token_types(tiny_model_dir, prepared)
         torch.testing.assert_close(model("para", batch), expected)
         without_types = model.encoder(batch["input_ids"], batch["attention_mask"])[:, 0]
     assert not torch.allclose(hidden[:, 0], without_types)  # the token types reach the encoder
-    with pytest.raises(ValueError, match="pair_encoding='concat'"):
+    with pytest.raises(ValueError, match="encoding=model.batch_encoding"):
         model("para", make_batch("para", split, idx, "cpu"))
     with pytest.raises(ValueError, match="one sequence"):
-        MultitaskModel(load_bert(tiny_model_dir), pair_encoding="concat", sts_head="cosine")
+        MultitaskModel(load_bert(tiny_model_dir), sts_encoding="concat", sts_head="cosine")
 
 
 def test_pair_features_and_sbert_heads():
@@ -206,7 +206,7 @@ def test_pair_features_and_sbert_heads():
 
 
 def test_sbert_head_reads_u_v_and_their_absolute_difference(tiny_model_dir):
-    model = _switched(tiny_model_dir, pair_head="sbert")
+    model = _switched(tiny_model_dir, para_head="sbert", sts_head="sbert")
     H = 32
     assert model.heads["para"].in_features == model.heads["sts"].in_features == 3 * H
     with torch.no_grad():
@@ -233,8 +233,12 @@ def test_cosine_sts_is_five_times_the_cosine(tiny_model_dir, prepared):
     assert preds.dtype == np.float32 and preds.min() >= 0 and preds.max() <= 5
 
 
+COSINE_EMBEDDING = {"para_head": "cosine", "para_loss": "cosine_embedding", "sts_head": "cosine",
+                    "sts_loss": "cosine_embedding"}
+
+
 def test_cosine_embedding_loss_targets_match_torch(tiny_model_dir, prepared):
-    model = _switched(tiny_model_dir, pair_loss="cosine_embedding")
+    model = _switched(tiny_model_dir, **COSINE_EMBEDDING)
     assert set(model.heads) == {"sst"}
     torch.manual_seed(3)
     u, v = torch.randn(6, 4), torch.randn(6, 4)
@@ -258,8 +262,10 @@ def test_cosine_embedding_loss_targets_match_torch(tiny_model_dir, prepared):
     with torch.no_grad():
         cosines = model("para", make_batch("para", split, np.arange(len(split)), "cpu"))
     np.testing.assert_array_equal(preds, (cosines > 0).long().numpy())  # cos > 0 -> paraphrase
-    with pytest.raises(ValueError, match="never be used"):
-        MultitaskModel(load_bert(tiny_model_dir), pair_loss="cosine_embedding", pair_head="sbert")
+    with pytest.raises(ValueError, match="go together"):
+        MultitaskModel(load_bert(tiny_model_dir), para_loss="cosine_embedding", para_head="sbert")
+    with pytest.raises(ValueError, match="needs sts_head cosine"):
+        MultitaskModel(load_bert(tiny_model_dir), sts_loss="cosine_embedding", sts_head="dot")
 
 
 def test_mnr_loss_is_cross_entropy_over_in_batch_cosines():
@@ -354,7 +360,8 @@ def test_a_word_embedding_hook_sees_every_encoder_call(tiny_model_dir, shared):
     assert calls == ([0] * 3 if shared else [0, 1, 2])
 
 
-@pytest.mark.parametrize("switches", [{}, {"pair_head": "sbert"}, {"sts_head": "cosine"}, {"pooling": "cls"},
+@pytest.mark.parametrize("switches", [{}, {"para_head": "sbert", "sts_head": "sbert"}, {"sts_head": "cosine"},
+                                      {"sts_head": "hybrid"}, {"pooling": "cls"},
                                       {"shared_encoder": False, "pals_size": 4, "pals_heads": 2}])
 def test_one_encoder_call_for_both_sentences_gives_the_outputs_of_two(tiny_model_dir, switches):
     """The stacked [2B, max(T1, T2)] call of pair_embeddings against encoding u and v separately,
@@ -371,10 +378,14 @@ def test_one_encoder_call_for_both_sentences_gives_the_outputs_of_two(tiny_model
         torch.testing.assert_close(u, u2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
         out = model(task, batch)
-        if model.cosine_output(task):
-            ref = F.cosine_similarity(u2, v2, dim=-1) * (1.0 if task == "para" else 5.0)
+        head = model.head_kind(task)
+        cos = F.cosine_similarity(u2, v2, dim=-1)
+        if head == "cosine":
+            ref = cos * (1.0 if task == "para" else 5.0)
         else:
-            ref = model.heads[task](pair_features(u2, v2, model.pair_head)).squeeze(-1)
+            ref = model.heads[task](pair_features(u2, v2, "sbert" if head == "sbert" else "linear")).squeeze(-1)
+            if head == "hybrid":  # learned w starts at sigmoid(0) = 0.5
+                ref = 0.5 * 5 * cos + 0.5 * ref
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         model.zero_grad()
         out.sum().backward()
@@ -387,10 +398,16 @@ def test_one_encoder_call_for_both_sentences_gives_the_outputs_of_two(tiny_model
 
 VARIANTS = {
     "baseline": {},
-    "concat": {"pair_encoding": "concat"},
-    "sbert": {"pair_head": "sbert"},
+    "concat": {"para_encoding": "concat", "sts_encoding": "concat"},
+    "concat_para_cosine_sts": {"para_encoding": "concat", "sts_head": "cosine"},
+    "sbert": {"para_head": "sbert", "sts_head": "sbert"},
     "cosine_sts": {"sts_head": "cosine"},
-    "cosine_embedding": {"pair_loss": "cosine_embedding"},
+    "cosine_embedding": COSINE_EMBEDDING,
+    "dot_sts_tanh": {"sts_head": "dot", "sts_bound": "tanh"},
+    "cosine_linear_sts": {"sts_head": "cosine_linear"},
+    "hybrid_concat_learned": {"para_encoding": "concat", "sts_encoding": "concat", "sts_head": "hybrid"},
+    "hybrid_fixed": {"sts_head": "hybrid", "sts_cosine_weight": 0.3, "sts_bound": "tanh"},
+    "para_mse": {"para_loss": "mse"},
     "deep_heads": {"head_layers": 3},
     "separate": {"shared_encoder": False},
     "frozen": {"freeze_encoder": True},
@@ -405,8 +422,10 @@ def test_every_variant_round_trips_through_save_and_load(tiny_model_dir, tmp_pat
         if model.pals_size:
             for pal in model.encoder.pals.values():
                 torch.nn.init.normal_(pal.decode.weight, std=0.2)
+        if "sts_cosine_weight" in model.heads:  # a learned hybrid weight away from its start
+            model.heads["sts_cosine_weight"].theta.fill_(0.7)
         model("sts", make_batch("sts", load_split(prepared / "sts-dev.arrow"), np.arange(16), "cpu",
-                                model.pair_encoding))
+                                model.batch_encoding("sts")))
     model.eval()
     save_multitask(model, tmp_path / "m", tokenizer_from=tiny_model_dir)
     meta = json.loads((tmp_path / "m" / "multitask.json").read_text())
@@ -418,7 +437,7 @@ def test_every_variant_round_trips_through_save_and_load(tiny_model_dir, tmp_pat
         assert not any(e1 is e2 for e1, e2 in zip(loaded.encoders(), loaded.encoders()[1:]))
     for task in ("sst", "para", "sts"):
         split = load_split(prepared / f"{task}-dev.arrow")
-        batch = make_batch(task, split, np.arange(8), "cpu", model.pair_encoding)
+        batch = make_batch(task, split, np.arange(8), "cpu", model.batch_encoding(task))
         with torch.no_grad():
             assert torch.equal(model(task, batch), loaded(task, batch)), task
         preds = predict(loaded, task, split, 16, "cpu")
@@ -431,12 +450,13 @@ def test_every_variant_round_trips_through_save_and_load(tiny_model_dir, tmp_pat
 
 def test_build_model_maps_the_config_switches(tiny_model_dir):
     cfg = apply_overrides(PipelineConfig(), {
-        "model.dir": str(tiny_model_dir), "model.pair_head": "sbert", "model.sts_head": "cosine",
+        "model.dir": str(tiny_model_dir), "model.para.head": "sbert", "model.sts.head": "cosine",
         "model.head_layers": 3, "model.pals.enabled": True, "model.pals.size": 8, "model.pals.heads": 2,
         "model.dropout": 0.2, "model.pooling": "mean"})
     model = build_model(cfg, tiny_model_dir)
-    assert model.switches() == {"pair_encoding": "separate", "pair_head": "sbert", "sts_head": "cosine",
-                                "pair_loss": "default", "head_layers": 3, "shared_encoder": True,
+    assert model.switches() == {"para_encoding": "separate", "para_head": "sbert", "para_loss": "bce",
+                                "sts_encoding": "separate", "sts_head": "cosine", "sts_loss": "mse",
+                                "sts_bound": "none", "sts_cosine_weight": None, "head_layers": 3, "shared_encoder": True,
                                 "freeze_encoder": False, "pals_size": 8, "pals_heads": 2}
     assert model.pooling == "mean" and model.encoder.config.hidden_dropout_prob == 0.2
     baseline = build_model(apply_overrides(PipelineConfig(), {"model.dir": str(tiny_model_dir)}), tiny_model_dir)
@@ -450,7 +470,195 @@ def test_load_multitask_rejects_unknown_switches(tiny_model_dir, tmp_path):
     (tmp_path / "m" / "multitask.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="multitask.json.*pair_magic"):
         load_multitask(tmp_path / "m")
-    meta["switches"] = {"sts_head": "dot"}
+    meta["switches"] = {"sts_head": "dotty"}
     (tmp_path / "m" / "multitask.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="multitask.json: sts_head must be one of"):
         load_multitask(tmp_path / "m")
+
+
+# ---------------------------------------------------------------- the published recipes' heads (issue 12)
+
+
+def _hand_pair(model, u, v):
+    """Make the model's pair_embeddings return hand-made (u, v), so the head math can be checked by hand."""
+    model.pair_embeddings = lambda task, batch: (u, v)
+    return model
+
+
+# u_0 = [1, 0, ...], v_0 = [1, 1, 0, ...]: cos = 1/sqrt(2), u.v = 1; u_1 = [2, 0, ...], v_1 = [-1, 0, ...]: cos = -1, u.v = -2
+U = torch.zeros(2, 32)
+V = torch.zeros(2, 32)
+U[0, 0], V[0, 0], V[0, 1] = 1.0, 1.0, 1.0
+U[1, 0], V[1, 0] = 2.0, -1.0
+COS = torch.tensor([1 / math.sqrt(2), -1.0])
+DOT = torch.tensor([1.0, -2.0])
+
+
+def _set_linear_head(head, column: int, weight: float, bias: float):
+    """A [u; v] head reading one coordinate: nn = weight * features[column] + bias."""
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, column] = weight
+        head.bias.fill_(bias)
+
+
+def test_hybrid_head_is_w_times_five_cosines_plus_one_minus_w_times_the_head(tiny_model_dir):
+    # the head reads u_0 (column 0 of [u; v]) times 2, plus 0.5: nn = [2.5, 4.5]
+    nn_out = torch.tensor([2.5, 4.5])
+    fixed = _hand_pair(_switched(tiny_model_dir, sts_head="hybrid", sts_cosine_weight=0.3), U, V)
+    _set_linear_head(fixed.heads["sts"], 0, 2.0, 0.5)
+    assert "sts_cosine_weight" not in fixed.heads  # a fixed weight has no parameter
+    with torch.no_grad():
+        torch.testing.assert_close(fixed("sts", {}), 0.3 * 5 * COS + 0.7 * nn_out)
+    # by hand, row 0: 0.3 * 5 / sqrt(2) + 0.7 * 2.5 = 2.8107; row 1: 0.3 * -5 + 0.7 * 4.5 = 1.65
+    torch.testing.assert_close(fixed("sts", {}).detach(), torch.tensor([1.5 / math.sqrt(2) + 1.75, 1.65]))
+
+    learned = _hand_pair(_switched(tiny_model_dir, sts_head="hybrid"), U, V)
+    _set_linear_head(learned.heads["sts"], 0, 2.0, 0.5)
+    # theta starts at 0: w = 0.5, the report's fixed split
+    torch.testing.assert_close(learned("sts", {}).detach(), 0.5 * 5 * COS + 0.5 * nn_out)
+    with torch.no_grad():
+        learned.heads["sts_cosine_weight"].theta.fill_(math.log(3))  # sigmoid(ln 3) = 3/4
+    out = learned("sts", {})
+    torch.testing.assert_close(out.detach(), 0.75 * 5 * COS + 0.25 * nn_out)
+    # the weight learns: d out_0 / d theta = w (1 - w) (5 cos_0 - nn_0) = 3/16 (5/sqrt(2) - 2.5)
+    out[0].backward()
+    assert learned.heads["sts_cosine_weight"].theta.grad.item() == pytest.approx(3 / 16 * (5 / math.sqrt(2) - 2.5))
+
+
+def test_hybrid_on_concatenated_pairs_reads_the_pair_for_its_head_and_the_sentences_for_its_cosine(
+        tiny_model_dir, prepared):
+    model = _switched(tiny_model_dir, pooling="cls", sts_encoding="concat", sts_head="hybrid", sts_cosine_weight=0.4)
+    assert model.batch_encoding("sts") == "both" and model.heads["sts"].in_features == 32
+    split = load_split(prepared / "sts-dev.arrow")
+    batch = make_batch("sts", split, np.array([2, 7, 5]), "cpu", "both")
+    assert {"input_ids", "token_type_ids", "input_ids_1", "input_ids_2"} <= set(batch)
+    with torch.no_grad():
+        joint = model.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[:, 0]
+        nn_out = model.heads["sts"](joint).squeeze(-1)
+        u = model.encoder(batch["input_ids_1"], batch["attention_mask_1"])[:, 0]
+        v = model.encoder(batch["input_ids_2"], batch["attention_mask_2"])[:, 0]
+        expected = 0.4 * 5 * F.cosine_similarity(u, v) + 0.6 * nn_out
+        torch.testing.assert_close(model("sts", batch), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(batch_lengths("sts", split, "both"), batch_lengths("sts", split, "concat"))
+
+
+def test_dot_head_is_u_dot_v_and_tanh_bounds_it_to_2_5_times_tanh_plus_1(tiny_model_dir):
+    dot = _hand_pair(_switched(tiny_model_dir, sts_head="dot"), U, V)
+    assert set(dot.heads) == {"sst", "para"}
+    torch.testing.assert_close(dot("sts", {}), DOT)
+    bounded = _hand_pair(_switched(tiny_model_dir, sts_head="dot", sts_bound="tanh"), U, V)
+    # 2.5 (tanh(1) + 1) = 2.5 * 1.761594 = 4.403985; 2.5 (tanh(-2) + 1) = 2.5 * 0.035972 = 0.089930
+    torch.testing.assert_close(bounded("sts", {}), torch.tensor([4.403985, 0.089930]), atol=1e-5, rtol=0)
+    # a linear head's number bounded the same way, and never outside (0, 5) however large
+    linear = _hand_pair(_switched(tiny_model_dir, sts_bound="tanh"), U, V)
+    _set_linear_head(linear.heads["sts"], 0, 100.0, -1.0)  # x = 100 u_0 - 1 = [99, 199]
+    with torch.no_grad():
+        torch.testing.assert_close(linear("sts", {}), 2.5 * (torch.tanh(torch.tensor([99.0, 199.0])) + 1))
+        x = torch.linspace(-50, 50, 101)
+        bounded_x = linear._bounded(x)
+    assert bounded_x.min() >= 0 and bounded_x.max() <= 5
+    torch.testing.assert_close(bounded_x, 2.5 * (torch.tanh(x) + 1))
+    assert linear._bounded(torch.tensor(0.0)).item() == 2.5
+
+
+def test_cosine_linear_is_a_times_cos_plus_b_starting_as_five_cos(tiny_model_dir):
+    model = _hand_pair(_switched(tiny_model_dir, sts_head="cosine_linear"), U, V)
+    head = model.heads["sts"]
+    assert (head.in_features, head.out_features, head.weight.item(), head.bias.item()) == (1, 1, 5.0, 0.0)
+    torch.testing.assert_close(model("sts", {}).detach(), 5 * COS)
+    with torch.no_grad():
+        head.weight.fill_(2.0)
+        head.bias.fill_(1.0)
+    torch.testing.assert_close(model("sts", {}).detach(), 2 * COS + 1)  # [1 + sqrt 2, -1]
+    # MSE against the label, and the head's gradient: d/da mean((a cos + b - y)^2) = mean(2 (out - y) cos)
+    labels = torch.tensor([3.0, 0.0])
+    out = model("sts", {})
+    loss = model.loss("sts", out, labels)
+    assert loss.item() == pytest.approx(((1 + math.sqrt(2) - 3) ** 2 + 1) / 2, rel=1e-6)
+    loss.backward()
+    assert head.weight.grad.item() == pytest.approx((2 * (1 + math.sqrt(2) - 3) / math.sqrt(2) + 2 * (-1) * (-1)) / 2,
+                                                    rel=1e-5)
+
+
+def test_para_mse_regresses_the_0_1_label_and_predicts_above_one_half(tiny_model_dir, prepared):
+    model = _switched(tiny_model_dir, para_loss="mse")
+    assert model.regression_output("para") and model.para_threshold() == 0.5
+    # squared errors (0.8 - 1)^2 = 0.04 and (0.3 - 0)^2 = 0.09 -> 0.065
+    assert model.loss("para", torch.tensor([0.8, 0.3]), torch.tensor([1.0, 0.0])).item() == pytest.approx(0.065)
+    split = load_split(prepared / "para-dev.arrow")
+    batch = make_batch("para", split, np.arange(len(split)), "cpu")
+    with torch.no_grad():  # centre the random head's outputs on 0.5, so both sides occur
+        model.heads["para"].weight.mul_(20)
+        model.heads["para"].bias.add_(0.5 - model("para", batch).median())
+        outputs = model("para", batch)
+    preds = predict(model, "para", split, 16, "cpu")
+    np.testing.assert_array_equal(preds, (outputs > 0.5).long().numpy())
+    assert 0 < preds.sum() < len(preds)
+    assert not np.array_equal(preds, (outputs > 0).long().numpy())  # not the logit threshold
+    bce = _switched(tiny_model_dir)
+    assert not bce.regression_output("para") and bce.para_threshold() == 0.0
+
+
+def test_mnr_with_dot_product_scores_is_cross_entropy_over_u_v_transposed():
+    u = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    v = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
+    dots = [[2.0, 1.0, 0.0], [0.0, 2.0, -2.0], [6.0, 6.0, -3.0]]  # u_i . v_j by hand
+    expected = sum(-dots[i][i] + math.log(sum(math.exp(d) for d in dots[i])) for i in range(3)) / 3
+    assert mnr_loss(u, v, 1.0, "dot").item() == pytest.approx(expected, rel=1e-6)
+    assert mnr_loss(u, v, 0.5, "dot").item() == pytest.approx(
+        sum(-0.5 * dots[i][i] + math.log(sum(math.exp(0.5 * d) for d in dots[i])) for i in range(3)) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="similarity"):
+        mnr_loss(u, v, 1.0, "euclid")
+
+
+def test_concat_para_with_cosine_sts_encodes_each_task_its_own_way(tiny_model_dir, prepared):
+    model = _switched(tiny_model_dir, pooling="cls", para_encoding="concat", sts_head="cosine")
+    assert (model.batch_encoding("para"), model.batch_encoding("sts")) == ("concat", "separate")
+    assert model.heads["para"].in_features == 32 and "sts" not in model.heads
+    para = make_batch("para", load_split(prepared / "para-dev.arrow"), np.arange(4), "cpu", "concat")
+    sts = make_batch("sts", load_split(prepared / "sts-dev.arrow"), np.arange(4), "cpu", "separate")
+    with torch.no_grad():
+        joint = model.encoder(para["input_ids"], para["attention_mask"], para["token_type_ids"])[:, 0]
+        torch.testing.assert_close(model("para", para), model.heads["para"](joint).squeeze(-1))
+        u, v = model.pair_embeddings("sts", sts)
+        torch.testing.assert_close(model("sts", sts), 5 * F.cosine_similarity(u, v))
+    with pytest.raises(ValueError, match="one sequence"):
+        model.pair_embeddings("para", para)
+
+
+@pytest.mark.parametrize("switches,message", [
+    ({"para_encoding": "concat", "para_head": "sbert"}, "para_encoding concat"),
+    ({"sts_encoding": "concat", "sts_head": "dot"}, "sts_encoding concat"),
+    ({"sts_encoding": "concat", "sts_head": "cosine_linear"}, "sts_encoding concat"),
+    ({"para_head": "cosine"}, "go together"),
+    ({"sts_cosine_weight": 0.5}, "hybrid"),
+    ({"sts_head": "hybrid", "sts_cosine_weight": 1.0}, r"\(0, 1\)"),
+    ({"sts_head": "cosine", "sts_bound": "tanh"}, "already"),
+    ({"sts_bound": "sigmoid"}, "sts_bound must be one of"),
+])
+def test_switch_combinations_that_mean_nothing_are_refused(tiny_model_dir, switches, message):
+    with pytest.raises(ValueError, match=message):
+        MultitaskModel(load_bert(tiny_model_dir), **switches)
+
+
+def test_a_model_saved_with_the_old_global_pair_switches_still_loads(tiny_model_dir, tmp_path, prepared):
+    model = _switched(tiny_model_dir, para_encoding="concat", sts_encoding="concat")
+    save_multitask(model, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "multitask.json").read_text())
+    meta["switches"] = {"pair_encoding": "concat", "pair_head": "linear", "sts_head": "linear", "pair_loss": "default",
+                        "head_layers": 1, "shared_encoder": True, "freeze_encoder": False, "pals_size": 0,
+                        "pals_heads": 12}
+    (tmp_path / "m" / "multitask.json").write_text(json.dumps(meta))
+    loaded = load_multitask(tmp_path / "m")
+    assert loaded.switches() == model.switches()
+    batch = make_batch("sts", load_split(prepared / "sts-dev.arrow"), np.arange(6), "cpu", "concat")
+    with torch.no_grad():
+        assert torch.equal(loaded("sts", batch), model("sts", batch))
+    # the other old settings, mapped by hand
+    old = {"pair_encoding": "separate", "pair_head": "sbert", "sts_head": "cosine", "pair_loss": "default"}
+    assert _per_task_switches(old) == {"para_encoding": "separate", "sts_encoding": "separate",
+                                       "para_head": "sbert", "sts_head": "cosine"}
+    old = {"pair_encoding": "separate", "pair_head": "linear", "sts_head": "linear", "pair_loss": "cosine_embedding"}
+    assert _per_task_switches(old) == {"para_encoding": "separate", "sts_encoding": "separate", **COSINE_EMBEDDING}
+    assert _per_task_switches({"sts_head": "dot"}) == {"sts_head": "dot"}  # a new-style file stays as it is

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from stages.samplers import annealed_alpha, epoch_steps, epoch_tasks, task_probabilities
+from stages.samplers import annealed_alpha, batch_counts, epoch_steps, epoch_tasks, task_probabilities, train_rows
 
 
 def test_annealed_alpha_defaults_run_from_1_to_0_2():
@@ -114,3 +114,45 @@ def test_one_task_modes_give_one_tuples():
     sizes = {"sst": 5, "para": 9, "sts": 4}
     assert epoch_steps(sizes, "annealed", np.random.default_rng(3), alpha=0.5) == \
         [(t,) for t in epoch_tasks(sizes, "annealed", np.random.default_rng(3), alpha=0.5)]
+
+
+# ---------------------------------------------------------------- per-task epochs and train rows
+
+
+def test_batch_counts_drop_a_task_after_its_epochs():
+    rows = {"sst": 40, "para": 33, "sts": 16}
+    # batch 16: ceil(40/16) = 3, ceil(33/16) = 3, 16/16 = 1
+    assert batch_counts(rows, 16, epoch=0) == {"sst": 3, "para": 3, "sts": 1}
+    # para trains 1 epoch, sts 2: 0-based epoch 1 has no para, epoch 2 neither para nor sts
+    limits = {"sst": None, "para": 1, "sts": 2}
+    assert batch_counts(rows, 16, 0, limits) == {"sst": 3, "para": 3, "sts": 1}
+    assert batch_counts(rows, 16, 1, limits) == {"sst": 3, "para": 0, "sts": 1}
+    assert batch_counts(rows, 16, 2, limits) == {"sst": 3, "para": 0, "sts": 0}
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "proportional", "annealed", "sequential", "summed"])
+def test_a_task_whose_epochs_are_used_up_is_absent_from_later_plans(mode):
+    rows, limits = {"sst": 64, "para": 160, "sts": 32}, {"sst": None, "para": 1, "sts": None}
+    rng = np.random.default_rng(0)
+    plans = [epoch_steps(batch_counts(rows, 16, e, limits), mode, rng) for e in range(3)]
+    tasks = [{t for step in plan for t in step} for plan in plans]
+    assert tasks[0] == {"sst", "para", "sts"}
+    assert tasks[1] == tasks[2] == {"sst", "sts"}
+    # the epochs without para are as long as the mode makes an epoch of sst (4 batches) and sts (2)
+    expected = {"round_robin": 2 * 2, "proportional": 4 + 2, "annealed": 4 + 2, "sequential": 4 + 2, "summed": 4}
+    assert len(plans[1]) == expected[mode]
+    if mode == "sequential":
+        assert plans[1] == [("sst",)] * 4 + [("sts",)] * 2
+
+
+def test_train_rows_all_or_a_seeded_fraction():
+    np.testing.assert_array_equal(train_rows(7, 1.0, seed=3), np.arange(7))
+    part = train_rows(48, 0.25, seed=3)
+    assert len(part) == 12 and len(set(part.tolist())) == 12  # round(0.25 * 48), no row twice
+    assert (np.diff(part) > 0).all() and 0 <= part.min() and part.max() < 48
+    np.testing.assert_array_equal(part, train_rows(48, 0.25, seed=3))  # the seed alone decides
+    assert not np.array_equal(part, train_rows(48, 0.25, seed=4))
+    assert len(train_rows(48, 0.1, seed=0)) == 5  # round(4.8)
+    assert len(train_rows(5, 0.01, seed=0)) == 1  # never an empty task
+    with pytest.raises(ValueError, match="fraction"):
+        train_rows(5, 0.0, seed=0)

@@ -113,9 +113,9 @@ def test_proximal_term_zero_when_copy_equals_model_and_update_is_momentum(model)
         head.sub_(1.0)
 
 
-def test_a_cosine_para_output_is_compared_by_squared_error():
+def test_a_cosine_or_0_1_regression_para_output_is_compared_by_squared_error():
     a, b = torch.tensor([0.5, -0.5]), torch.tensor([0.0, 0.5])
-    assert smart.symmetric_divergence("para", a, b, cosine=True).item() == pytest.approx((0.25 + 1.0) / 2)
+    assert smart.symmetric_divergence("para", a, b, regression=True).item() == pytest.approx((0.25 + 1.0) / 2)
 
 
 def test_adversarial_passes_leave_batchnorm_statistics_alone(tiny_model_dir):
