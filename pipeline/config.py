@@ -142,7 +142,8 @@ class TaskEpochs:
 
 
 @dataclass
-class TaskFractions:
+class PerTask:
+    """One number per task: loss weights (loss.weights), train shares (train.data_fraction)."""
     sst: float = 1.0
     para: float = 1.0
     sts: float = 1.0
@@ -175,7 +176,7 @@ class TrainConfig:
     # Per task, the share of its train split finetune trains on: a random subset of
     # round(fraction * rows) rows drawn from the seed, the same in every epoch. Dev splits are
     # always scored in full.
-    data_fraction: TaskFractions = field(default_factory=lambda: TaskFractions())
+    data_fraction: PerTask = field(default_factory=PerTask)
     pcgrad: bool = False  # gradient surgery (Yu et al. 2020); needs sampling: summed
     layerwise_lr_decay: float = 1.0  # lr x decay^(layers above); 1.0: off
     lookahead: bool = False  # Lookahead (Zhang et al. 2019) around AdamW
@@ -188,15 +189,8 @@ class TrainConfig:
 
 
 @dataclass
-class TaskWeights:
-    sst: float = 1.0
-    para: float = 1.0
-    sts: float = 1.0
-
-
-@dataclass
 class LossConfig:
-    weights: TaskWeights = field(default_factory=TaskWeights)
+    weights: PerTask = field(default_factory=PerTask)
     weighting: Literal["fixed", "normalized"] = "fixed"  # normalized: loss / its running mean magnitude
     # The para loss: bce: BCE-with-logits on the head's logit (> 0: paraphrase); mse: squared
     # error of the head's number against the 0/1 label, a regression (> 0.5: paraphrase);
