@@ -99,7 +99,7 @@ def tune_overhead(ctx: Context, report) -> None:
     from stages import evaluate, finetune
 
     trials = 2
-    cmd, root = _pipeline(ctx, "tune", ["tune", "--space", str(REPO / "search_spaces" / "default.yaml"), "--smoke",
+    cmd, root = _pipeline(ctx, "tune", ["tune", "--space", str(REPO / "search_spaces" / "loss_and_sampling.yaml"), "--smoke",
                                         "--trials", str(trials), "--name", "bench"], {})
     measured = run_measured(cmd, clean_env(root))
     _check(measured, "pipeline tune --smoke")

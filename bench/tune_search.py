@@ -1,6 +1,6 @@
 """Benchmark: Optuna TPE vs random search, same trial budget, same task, several seeds.
 
-    .venv/bin/python bench/tune_search.py [--trials 8] [--repeats 3] [--space search_spaces/default.yaml]
+    .venv/bin/python bench/tune_search.py [--trials 8] [--repeats 3] [--space search_spaces/loss_and_sampling.yaml]
                                           [--set KEY=VALUE ...]
 
 Each repeat runs two Tune experiments over the same search space on a smoke-sized task (the
@@ -49,7 +49,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="searcher seed of the first repeat (then +1, +2, ...)")
     parser.add_argument("--config", default=str(REPO / "pipeline.yaml"))
-    parser.add_argument("--space", default=str(REPO / "search_spaces" / "default.yaml"))
+    parser.add_argument("--space", default=str(REPO / "search_spaces" / "loss_and_sampling.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cpus-per-trial", type=float, default=1)
     args = parser.parse_args()

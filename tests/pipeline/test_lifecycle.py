@@ -19,7 +19,7 @@ from pipeline.constants import DRIVER_HOST_TAG, DRIVER_PID_TAG, DRIVER_START_TAG
 from pipeline.prepare import prepare
 from tests.conftest import REPO, mlflow_runs, run_pipeline, write_experiment
 
-SPACE = REPO / "search_spaces" / "default.yaml"
+SPACE = REPO / "search_spaces" / "loss_and_sampling.yaml"
 GRID = "# a one-variant grid\nvariants:\n  baseline: {}\n"
 
 

@@ -1,11 +1,13 @@
 """Search-space YAML -> Tune / Optuna spaces, and its errors (pipeline/search_space.py)."""
 
+import itertools
+
 import numpy as np
 import optuna.distributions as od
 import pytest
 from ray.tune.search import sample
 
-from pipeline.config import ConfigError, PipelineConfig, apply_overrides, load_config
+from pipeline.config import ConfigError, PipelineConfig, apply_overrides, get, load_config
 from pipeline.search_space import load_space
 from tests.conftest import REPO
 
@@ -16,8 +18,21 @@ def space_file(tmp_path, text: str):
     return path
 
 
-def test_default_space_searches_what_users_ask_for():
-    space = load_space(REPO / "search_spaces" / "default.yaml", load_config(REPO / "pipeline.yaml"))
+def test_default_space_searches_what_moves_the_result_and_holds_the_shipped_recipe():
+    cfg = load_config(REPO / "pipeline.yaml")
+    space = load_space(REPO / "search_spaces" / "default.yaml", cfg)
+    assert {"model.pooling", "model.para.encoding", "model.sts.head", "train.lr", "train.lr_schedule"} <= set(space.params)
+    assert space.fixed == {}
+    # --include-config starts from pipeline.yaml's recipe: it must be a point of the space
+    assert space.config_point(cfg) == {key: get(cfg, key) for key in space.params}
+    # every combination of the choices is a valid config (the config rules reject e.g. concat + cosine)
+    choices = [[(key, v) for v in p.values] for key, p in space.params.items() if p.distribution == "choice"]
+    for combo in itertools.product(*choices):
+        apply_overrides(cfg, dict(combo))
+
+
+def test_loss_and_sampling_space_searches_what_users_ask_for():
+    space = load_space(REPO / "search_spaces" / "loss_and_sampling.yaml", load_config(REPO / "pipeline.yaml"))
     asked = {"loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alpha_start", "train.alpha_end",
              "train.lr", "train.batch_size"}
     assert asked <= set(space.params)

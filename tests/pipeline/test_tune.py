@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import PipelineConfig, flatten, load_config
 from tests.conftest import REPO, mlflow_runs, pipeline_env, run_pipeline, write_experiment
 
-SPACE = REPO / "search_spaces" / "default.yaml"
+SPACE = REPO / "search_spaces" / "loss_and_sampling.yaml"
 ASKED = ("loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alpha_start", "train.alpha_end",
          "train.lr")
 

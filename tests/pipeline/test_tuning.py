@@ -48,7 +48,7 @@ def test_best_trial_is_the_best_evaluated_one_and_records_keep_start_order(tmp_p
 
 def test_the_optuna_search_is_seeded_and_can_start_from_the_config():
     cfg = apply_overrides(PipelineConfig(), {"train.sampling": "annealed"})
-    space = load_space(REPO / "search_spaces" / "default.yaml", cfg)
+    space = load_space(REPO / "search_spaces" / "loss_and_sampling.yaml", cfg)
 
     def suggestions(seed, points=()):
         searcher = optuna_searcher(space, seed, trials=8, points_to_evaluate=points)
