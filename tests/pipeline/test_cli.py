@@ -54,6 +54,26 @@ def test_smoke_run_records_parent_and_stage_runs(workdir, first_run):
     assert "dev/overall" in first_run.stdout and "mlflow ui --backend-store-uri" in first_run.stdout
 
 
+def test_evaluate_run_carries_the_error_analysis(workdir, first_run):
+    client, runs = mlflow_runs(workdir, "e2e")
+    evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
+    for name in [f"dev/sst_f1_{k}" for k in range(5)] + ["dev/sst_macro_f1", "dev/para_precision", "dev/para_recall",
+                                                         "dev/para_f1", "dev/sts_spearman"]:
+        assert name in evaluate.data.metrics
+    assert sorted(a.path for a in client.list_artifacts(evaluate.info.run_id, "analysis")) == [
+        "analysis/analysis.json", "analysis/sst_confusion.png", "analysis/sts_scatter.png",
+        "analysis/worst-para.json", "analysis/worst-sst.json", "analysis/worst-sts.json"]
+    # The worst examples as MLflow tables (the UI's artifact view, and mlflow.load_table): sentences,
+    # gold and predicted values.
+    table = client.load_table(evaluate.info.experiment_id, "analysis/worst-sts.json", [evaluate.info.run_id])
+    assert list(table.columns[:6]) == ["id", "sentence1", "sentence2", "gold", "predicted", "abs_error"]
+    assert 0 < len(table) <= 20 and table["sentence1"].str.len().min() > 0
+    errors = table["abs_error"].astype(float).tolist()
+    assert errors == sorted(errors, reverse=True)
+    sst = client.load_table(evaluate.info.experiment_id, "analysis/worst-sst.json", [evaluate.info.run_id])
+    assert (sst["gold"] != sst["predicted"]).all()
+
+
 def test_smoke_run_writes_starter_format_predictions(workdir, first_run):
     predictions = list((workdir / "artifacts" / "evaluate").glob("*/predictions"))
     assert len(predictions) == 1
