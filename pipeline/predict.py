@@ -29,11 +29,11 @@ import numpy as np
 
 from pipeline import registry, tracking
 from pipeline.prepare import prepare
-from stages.batches import Split, bucketed_batches
+from stages.batches import Split
 from stages.data_prep import SENTENCE_COLUMNS, load_tokenizer, read_file
 from stages.device import pick_device
 from stages.evaluate import HEADERS, format_prediction
-from stages.multitask_model import batch_lengths, load_multitask, predict_with_scores
+from stages.multitask_model import load_multitask, predict_with_scores
 from stages.progress import Progress
 
 CHUNK_ROWS = 4096  # rows tokenized and predicted at a time
@@ -74,9 +74,8 @@ def main(args) -> int:
                     encodings = tokenizer.encode_batch([r[2][i] for r in chunk])
                     columns["input_ids" if task == "sst" else f"input_ids_{i + 1}"] = _flat(encodings)
                 split = Split(np.array([r[1] for r in chunk]), columns, None, str(path))
-                batches = bucketed_batches(batch_lengths(task, split, model.batch_encoding(task)),
-                                           cfg.train.eval_batch_size, None)  # longest first, as evaluate runs them
-                preds, _ = predict_with_scores(model, task, split, cfg.train.eval_batch_size, device, batches)
+                # evaluate's batches: length-sorted, longest first, train.eval_batch_size rows each
+                preds, _ = predict_with_scores(model, task, split, cfg.train.eval_batch_size, device)
                 f.writelines(f"{r[1]} , {format_prediction(task, p)} \n" for r, p in zip(chunk, preds))
                 done = first + len(chunk)
                 progress.update(done, f"{done / max(time.time() - start, 1e-9):.0f} rows/s")

@@ -406,21 +406,17 @@ def predict(model: MultitaskModel, task: str, split, batch_size: int, device) ->
 
 
 @torch.no_grad()
-def predict_with_scores(model: MultitaskModel, task: str, split, batch_size: int, device,
-                        batches=None) -> tuple[np.ndarray, np.ndarray]:
+def predict_with_scores(model: MultitaskModel, task: str, split, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
     """(predictions as `predict` gives them, scores): sst the five class probabilities [n, 5]
-    (softmax of the logits); para P(paraphrase) [n] (para_probability); sts the score itself.
-    `batches`: row-index batches to run (default: length-bucketed batches of the split)."""
+    (softmax of the logits); para P(paraphrase) [n] (para_probability); sts the score itself."""
     was_training = model.training
     model.eval()
     n = len(split)
     out = np.zeros(n, dtype=np.float32 if task == "sts" else np.int64)
     scores = np.zeros((n, 5) if task == "sst" else n, dtype=np.float32)
     encoding = model.batch_encoding(task)
-    if batches is None:
-        batches = bucketed_batches(batch_lengths(task, split, encoding), batch_size, None)
     try:
-        for idx in batches:
+        for idx in bucketed_batches(batch_lengths(task, split, encoding), batch_size, None):
             batch = make_batch(task, split, idx, device, encoding)
             with autocast(torch.device(device)):
                 output = model(task, batch)
