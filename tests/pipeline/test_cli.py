@@ -1,8 +1,10 @@
 """End to end: the real CLI, `--smoke`, on a real local Ray and a real MLflow sqlite store."""
 
+import json
+
 import pytest
 
-from tests.conftest import mlflow_runs, run_pipeline, write_experiment
+from tests.conftest import local_store, mlflow_runs, run_pipeline, write_experiment
 
 STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
 
@@ -54,8 +56,9 @@ def test_smoke_run_records_parent_and_stage_runs(workdir, first_run):
     assert "dev/overall" in first_run.stdout and "mlflow ui --backend-store-uri" in first_run.stdout
 
 
-def test_evaluate_run_carries_the_error_analysis(workdir, first_run):
+def test_evaluate_run_carries_the_error_analysis(workdir, first_run, monkeypatch):
     client, runs = mlflow_runs(workdir, "e2e")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local_store(workdir))  # load_table searches the global store
     evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
     for name in [f"dev/sst_f1_{k}" for k in range(5)] + ["dev/sst_macro_f1", "dev/para_precision", "dev/para_recall",
                                                          "dev/para_f1", "dev/sts_spearman"]:
@@ -63,6 +66,7 @@ def test_evaluate_run_carries_the_error_analysis(workdir, first_run):
     assert sorted(a.path for a in client.list_artifacts(evaluate.info.run_id, "analysis")) == [
         "analysis/analysis.json", "analysis/sst_confusion.png", "analysis/sts_scatter.png",
         "analysis/worst-para.json", "analysis/worst-sst.json", "analysis/worst-sts.json"]
+    assert {"path": "analysis/worst-sts.json", "type": "table"} in json.loads(evaluate.data.tags["mlflow.loggedArtifacts"])
     # The worst examples as MLflow tables (the UI's artifact view, and mlflow.load_table): sentences,
     # gold and predicted values.
     table = client.load_table(evaluate.info.experiment_id, "analysis/worst-sts.json", [evaluate.info.run_id])

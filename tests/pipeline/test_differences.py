@@ -33,9 +33,11 @@ def write_evaluate(store: ArtifactStore, key: str, preds: list[int]) -> None:
     (folder.parent / "_SUCCESS").write_text("")
 
 
-@pytest.fixture
-def ablation(tmp_path):
-    """A parent, a shared data_prep, and baseline / better / same variants at two seeds each."""
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    """A parent, a shared data_prep, and baseline / better / same variants at two seeds each (one
+    store for the module: a new sqlite store costs seconds; the test that deletes outputs runs last)."""
+    tmp_path = tmp_path_factory.mktemp("differences")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = ArtifactStore(str(tmp_path / "artifacts"))
     experiment = tracking.ensure_experiment(uri, "differences")
@@ -89,3 +91,14 @@ def test_missing_outputs_are_said_not_raised(ablation):
     tags, groups = comparison.comparison(uri, parent)
     assert "were not found" in differences.add_intervals(uri, parent, groups, "baseline", store)
     assert all(not g.ci for g in groups)
+
+
+def test_rows_pair_by_seed_and_in_order_when_no_seed_matches():
+    def row(label, seed):
+        return comparison.RunRow(label, f"{label}-{seed}", "FINISHED", seed, {}, None, None)
+
+    base = [row("baseline", "1"), row("baseline", "2")]
+    assert [(b.seed, v.seed) for b, v in differences._seed_pairs(base, [row("v", "2"), row("v", "3")])] == [("2", "2")]
+    # A variant that sets its own seed shares none: its runs pair with the baseline's in order.
+    assert [(b.seed, v.seed) for b, v in differences._seed_pairs(base, [row("v", "7"), row("v", "8")])] == [
+        ("1", "7"), ("2", "8")]
