@@ -4,17 +4,14 @@ import json
 
 import pytest
 
-from tests.conftest import local_store, mlflow_runs, run_pipeline, write_experiment
+from tests.conftest import local_store, mlflow_runs, run_pipeline
 
 STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data_dir):
-    work = tmp_path_factory.mktemp("e2e")
-    write_experiment(work, "e2e", data_dir=shared_data_dir, stages="  mlm_pretrain: {enabled: true, num_cpus: 1}\n"
-                     "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n")
-    return work
+def workdir(smoke_run):
+    return smoke_run[0]
 
 
 def run_cli(work, *args):
@@ -22,10 +19,8 @@ def run_cli(work, *args):
 
 
 @pytest.fixture(scope="module")
-def first_run(workdir):
-    proc = run_cli(workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def first_run(smoke_run):
+    return smoke_run[1]
 
 
 def test_smoke_run_records_parent_and_stage_runs(workdir, first_run):

@@ -5,16 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_pipeline, write_experiment
+from tests.conftest import run_pipeline
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data_dir):
-    work = tmp_path_factory.mktemp("predict")
-    write_experiment(work, "predict-e2e", data_dir=shared_data_dir)
-    proc = run_pipeline(work, "run", "exp.yaml", "--smoke")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work
+def workdir(smoke_run):
+    return smoke_run[0]  # the smoke run test_cli.py checks: its model, its evaluate's predictions
 
 
 def rows(path: Path) -> list[tuple[str, str]]:
