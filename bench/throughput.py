@@ -35,7 +35,7 @@ from torch import nn
 from bench.common import Context, base_config, matmul_peak_gflops
 from stages import finetune as finetune_stage
 from stages.batches import Split, bucketed_batches
-from stages.data_prep import SPLIT_FILES, _hash_unit, _read_file
+from stages.data_prep import SPLIT_FILES, _hash_unit, read_file
 from stages.multitask_model import batch_lengths, build_model, make_batch, predict
 from stages.samplers import epoch_tasks
 
@@ -120,7 +120,7 @@ def raw_texts(cfg) -> dict:
         name = getattr(cfg.data, key)
         if name is None:
             continue
-        rows, _ = _read_file(data_dir / name, task, is_test=split == "test", drop=True, config_key=key)
+        rows, _ = read_file(data_dir / name, task, is_test=split == "test", drop=True, config_key=key)
         texts = {r[1]: r[2] for r in rows}
         if task == "para" and split == "dev" and cfg.data.quora_train is None:  # the carve: both parts
             out[("para", "train")] = texts

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import comparison, dag, lifecycle, tracking
+from pipeline import comparison, dag, differences, lifecycle, tracking
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config
 from pipeline.constants import METRIC, is_remote
 from pipeline.grids import load_grid
@@ -129,7 +129,8 @@ def main(args) -> int:
             mlflow_runs.end(run.run_id)
 
         seconds = time.time() - start
-        _, groups = comparison.comparison(uri, parent)
+        parent_tags, groups = comparison.comparison(uri, parent)
+        note = differences.add_intervals(uri, parent, groups, comparison.reference_label(parent_tags, groups), store)
         out_dir = _comparison_dir(store, parent, name)
         title = f"ablation {name}" + (f" ({args.seeds} seeds)" if args.seeds > 1 else "")
         for path in comparison.write_comparison(groups, out_dir, title):
@@ -150,6 +151,8 @@ def main(args) -> int:
           + (f"; {len(failed)} variant run(s) FAILED: {', '.join(failed)}" if failed else ""))
     print()
     print(comparison.to_markdown(groups))
+    if note:
+        print(note)
     print(f"comparison:    {out_dir} (also on the parent run's artifacts, comparison/)")
     print(f"MLflow:        parent run {parent} in experiment '{runs[0].cfg.tracking.experiment}' at {uri}")
     print(f"               python -m pipeline report {parent}" + (f" {args.config}" if args.config != "pipeline.yaml" else ""))

@@ -7,6 +7,7 @@
     python -m pipeline submit [CONFIG] --address http://HEAD:8265 [VERB ARGS...]
     python -m pipeline leaderboard [CONFIG] [--model MODEL_URI] [--smoke]
     python -m pipeline schedule install|show|remove [CONFIG] [--crontab-file FILE] [--systemd]
+    python -m pipeline predict MODEL --task sst|para|sts FILE [--out OUT.csv] [--config CONFIG] [--smoke]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ VERBS = {
     "submit": "pipeline.submit",
     "leaderboard": "pipeline.leaderboard",
     "schedule": "pipeline.schedule",
+    "predict": "pipeline.predict",
 }
 
 
@@ -141,5 +143,20 @@ def _parser() -> argparse.ArgumentParser:
                           help="read and write this file instead of the user's crontab (tests, or to review first)")
     schedule.add_argument("--systemd", action="store_true",
                           help="with install: print a systemd service + timer for the schedule instead of using cron")
+
+    predict = verbs.add_parser("predict", help="a model's predictions for a file in the CS224N layout, one line per row")
+    predict.add_argument("model", metavar="MODEL",
+                         help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder")
+    predict.add_argument("file", metavar="FILE", help="tab-separated, with id and the task's sentence column(s)")
+    predict.add_argument("--task", required=True, choices=["sst", "para", "sts"], help="what the rows are scored as")
+    predict.add_argument("--out", metavar="OUT.csv", help="where to write (default: FILE's name + -predicted.csv, here)")
+    predict.add_argument("--config", default="pipeline.yaml",
+                         help="experiment YAML: data.max_length, train.eval_batch_size, device, the MLflow store")
+    predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key (repeatable)")
+    predict.add_argument("--smoke", action="store_true", help="the smoke settings (a smoke run's model: max_length 32)")
+    predict.add_argument("--skip-bad-rows", action="store_true",
+                         help="leave out rows that cannot be read (quora-dev.csv has one), instead of exit status 2")
+    predict.add_argument("--tracking-uri", help="read models:/ and runs:/ from this MLflow store")
 
     return parser

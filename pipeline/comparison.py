@@ -3,8 +3,9 @@
 The rows are the parent run's child runs: an ablation's variant runs (tag `stage=variant`,
 grouped by their `ablation` tag, one run per seed) or a search's trial runs (`stage=trial`).
 Per group: the mean and standard deviation across seeds of dev/sst_acc, dev/para_acc,
-dev/sts_corr and dev/overall, the difference of the means against the `baseline` variant, wall
-time and peak memory. `ablate` writes the table (CSV, Markdown) and two plots (bars with error
+dev/sts_corr and dev/overall, the difference of the means against the `baseline` variant (a
+search's: against its best trial) with its 95% interval where pipeline/differences.py gave one,
+wall time and peak memory. `ablate` writes the table (CSV, Markdown) and two plots (bars with error
 bars, per-epoch dev curves) and logs them on the parent run; the `report` verb prints it for
 any finished ablation or search.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from pipeline.bootstrap import RESAMPLES, excludes_zero
 from pipeline.constants import DEV_METRICS, METRIC
 
 METRICS = DEV_METRICS
@@ -51,6 +53,8 @@ class Group:
     delta: dict[str, float]  # mean minus the baseline's mean; absent without a baseline
     seconds: float | None  # mean over the runs
     peak_rss_mb: float | None  # max over the runs
+    # metric -> the 95% interval of `delta` (pipeline/differences.py); absent where not computed
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -138,7 +142,7 @@ def read_rows(uri: str, parent_id: str) -> tuple[dict, list[RunRow]]:
 def to_csv(groups: list[Group]) -> str:
     header = ["variant", "runs", "finished"]
     for m in METRICS:
-        header += [f"{m}_mean", f"{m}_std", f"{m}_delta"]
+        header += [f"{m}_mean", f"{m}_std", f"{m}_delta", f"{m}_ci_low", f"{m}_ci_high", f"{m}_ci_excludes_0"]
     header += ["seconds", "peak_rss_mb", "run_ids"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -146,15 +150,18 @@ def to_csv(groups: list[Group]) -> str:
     for g in groups:
         line = [g.label, len(g.runs), g.finished]
         for m in METRICS:
-            line += [_num(g.mean.get(m)), _num(g.std.get(m)), _num(g.delta.get(m))]
+            ci = g.ci.get(m)
+            line += [_num(g.mean.get(m)), _num(g.std.get(m)), _num(g.delta.get(m)), *(_num(v) for v in ci or (None, None)),
+                     "" if ci is None else str(excludes_zero(ci)).lower()]
         line += [_num(g.seconds, 1), _num(g.peak_rss_mb, 0), " ".join(r.run_id for r in g.runs)]
         writer.writerow(line)
     return out.getvalue()
 
 
 def to_markdown(groups: list[Group]) -> str:
-    """Mean ± std over seeds per metric, then the delta of dev/overall against the baseline."""
-    lines = ["| variant | runs | " + " | ".join(SHORT[m] for m in METRICS) + " | Δ overall | wall s | peak MiB |",
+    """Mean ± std over seeds per metric, then the delta of dev/overall against the baseline (with its
+    95% interval and `*` when that excludes 0, where differences.add_intervals gave one)."""
+    lines = ["| variant | runs | " + " | ".join(SHORT[m] for m in METRICS) + " | Δ overall [95% CI] | wall s | peak MiB |",
              "|---|---:|" + "---:|" * len(METRICS) + "---:|---:|---:|"]
     for g in groups:
         cells = [g.label, f"{g.finished}/{len(g.runs)}"]
@@ -164,10 +171,15 @@ def to_markdown(groups: list[Group]) -> str:
             else:
                 cells.append(f"{g.mean[m]:.4f}" + (f" ± {g.std[m]:.4f}" if m in g.std else ""))
         d = g.delta.get(METRIC)
-        cells.append("-" if d is None else f"{d:+.4f}")
+        ci = g.ci.get(METRIC)
+        cells.append("-" if d is None else f"{d:+.4f}" + (
+            f" [{ci[0]:+.4f}, {ci[1]:+.4f}]{'*' if excludes_zero(ci) else ''}" if ci else ""))
         cells.append("-" if g.seconds is None else f"{g.seconds:.1f}")
         cells.append("-" if g.peak_rss_mb is None else f"{g.peak_rss_mb:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
+    if any(g.ci for g in groups):
+        lines.append(f"\nΔ: minus the {BASELINE} (a search: minus the best trial); [95% CI]: a paired bootstrap "
+                     f"over the dev examples ({RESAMPLES} resamples; with several seeds, the seeds too); *: the interval excludes 0.")
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +274,16 @@ def comparison(uri: str, parent_id: str) -> tuple[dict, list[Group]]:
     groups = summarize(rows, order)
     if tags.get("stage") != "ablation":  # a search: best trial first; an ablation keeps its grid's order
         groups.sort(key=lambda g: -g.mean.get(METRIC, -math.inf))
+        # A search has no baseline: each trial's delta is against the best (is the winner really better?).
+        groups = summarize(rows, [g.label for g in groups], reference_label(tags, groups)) if groups else groups
     return tags, groups
+
+
+def reference_label(tags: dict, groups: list[Group]) -> str | None:
+    """What the deltas are against: an ablation's `baseline` variant, a search's best trial."""
+    if tags.get("stage") == "ablation":
+        return BASELINE
+    return groups[0].label if groups and METRIC in groups[0].mean else None
 
 
 def _num(value, digits: int = 6) -> str:

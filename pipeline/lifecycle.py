@@ -18,6 +18,7 @@ next command on the same experiment marks RUNNING runs whose driver is gone KILL
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import sys
@@ -163,13 +164,30 @@ def stage_tags(p, ablation: str) -> dict:
 
 def record_stage(uri: str, run_id: str, result: dict, out: Path | None = None) -> None:
     """A finished stage's metrics and seconds on its MLflow run; with `out` (evaluate's output
-    folder) its prediction files too."""
+    folder) its prediction files and error analysis too."""
     metrics = dict(result.get("metrics", {}))
     if "seconds" in result:
         metrics["stage/seconds"] = result["seconds"]
     tracking.log_metrics(uri, run_id, metrics)
     if out is not None and (out / result.get("predictions", "predictions")).is_dir():
         tracking.log_artifacts(uri, run_id, out / result.get("predictions", "predictions"), "predictions")
+    if out is not None:
+        log_analysis(uri, run_id, out / result.get("analysis", "analysis"))
+
+
+def log_analysis(uri: str, run_id: str, folder: Path) -> None:
+    """evaluate's analysis/ on its run: the PNGs and analysis.json as artifacts under analysis/,
+    each worst-<task>.csv as an MLflow table analysis/worst-<task>.json (sentences, gold, predicted)."""
+    if not folder.is_dir():
+        return  # an evaluate output from before error analysis existed
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".csv":
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f))
+            columns = {name: [row[i] for row in rows[1:]] for i, name in enumerate(rows[0])} if rows else {}
+            tracking.log_table(uri, run_id, columns, f"analysis/{path.stem}.json")
+        else:
+            tracking.log_artifact(uri, run_id, path, "analysis")
 
 
 def end_stage_runs(runs: Runs, store, planned, stage_runs: dict[str, str], results: dict[str, dict],

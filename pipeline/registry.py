@@ -127,7 +127,7 @@ def _pipeline_run_model(client, experiment_id: str, run, store: ArtifactStore) -
     if not children or not children[0].data.tags.get("cache_key"):
         return None
     key = children[0].data.tags["cache_key"]
-    for candidate in _stores_of(run, store):
+    for candidate in stores_of(run, store):
         if candidate.is_finished("finetune", key):
             folder = candidate.local_dir("finetune", key) / "model"
             if (folder / "multitask.json").is_file():
@@ -135,7 +135,7 @@ def _pipeline_run_model(client, experiment_id: str, run, store: ArtifactStore) -
     return None
 
 
-def _stores_of(run, default: ArtifactStore) -> list[ArtifactStore]:
+def stores_of(run, default: ArtifactStore | None = None) -> list[ArtifactStore]:
     """The store the run's config named (its `artifacts` param beside its config file), then ours."""
     stores = []
     location = run.data.params.get("artifacts")
@@ -144,7 +144,7 @@ def _stores_of(run, default: ArtifactStore) -> list[ArtifactStore]:
         stores.append(ArtifactStore(location))
     elif location and config_file:
         stores.append(ArtifactStore(str((Path(config_file).parent / location).resolve())))
-    if not any(s.location == default.location for s in stores):
+    if default is not None and not any(s.location == default.location for s in stores):
         stores.append(default)
     return stores
 

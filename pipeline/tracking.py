@@ -136,6 +136,12 @@ def log_artifact(uri: str, run_id: str, local_file: Path, artifact_path: str | N
     MlflowClient(uri).log_artifact(run_id, str(local_file), artifact_path)
 
 
+def log_table(uri: str, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
+    """A table (column -> values) as an MLflow table artifact (`artifact_file` ends in .json), shown
+    as a table in the run's artifact view and across runs in the experiment's Evaluation view."""
+    MlflowClient(uri).log_table(run_id, data=columns, artifact_file=artifact_file)
+
+
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     MlflowClient(uri).log_text(run_id, text, artifact_file)
 

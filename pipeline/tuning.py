@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from pipeline import tracking
+from pipeline import lifecycle, tracking
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, flatten, get
 from pipeline.constants import ERROR_TAG, METRIC, error_text
 from pipeline.search_space import SearchSpace
@@ -178,6 +178,7 @@ def trial(config: dict, ctx: TrialContext) -> None:
         raise
     metrics = {**tuned.get("metrics", {}), **evaluated.get("metrics", {})}
     tracking.log_metrics(uri, run_id, tuned.get("metrics", {}), cfg.train.epochs)
+    lifecycle.log_analysis(uri, run_id, out / "evaluate" / "analysis")  # the trial's run is its evaluate's
     _write_record(out, {**_read_record(out), "status": "finished", "metrics": metrics,
                         "model": str(out / "finetune" / "model")})
     tracking.end_run(uri, run_id, "FINISHED")

@@ -56,7 +56,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
     data_dir = Path(cfg.data.dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, tokenizer_info = _load_tokenizer(Path(cfg.model.dir), cfg.data.max_length)
+    tokenizer, tokenizer_info = load_tokenizer(Path(cfg.model.dir), cfg.data.max_length)
     drop = cfg.data.on_bad_rows == "drop"
 
     # Read and validate every named file; each split gets its rows, dropped count and examples.
@@ -67,7 +67,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
         if name is None:
             continue
         path = _resolve(data_dir, name)
-        rows, bad = _read_file(path, task, is_test=(split == "test"), drop=drop, config_key=f"data.{key}")
+        rows, bad = read_file(path, task, is_test=(split == "test"), drop=drop, config_key=f"data.{key}")
         if task == "para" and split == "dev" and carve_quora:
             dev_fraction = cfg.data.quora_dev_fraction
             for part in ("train", "dev"):
@@ -129,10 +129,11 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
 # ---------------------------------------------------------------- reading and validation
 
 
-def _read_file(path: Path, task: str, is_test: bool, drop: bool, config_key: str):
+def read_file(path: Path, task: str, is_test: bool, drop: bool, config_key: str, ignore_labels: bool = False):
     """Parse one file -> (rows, bad): rows are (line, id, sentences, label), bad are (line, id, reason).
 
-    With drop=False the first bad row raises instead.
+    With drop=False the first bad row raises instead. ignore_labels (with is_test): a label column
+    may be there and is not read (`pipeline predict` on a dev file).
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found ({config_key})")
@@ -159,7 +160,7 @@ def _read_file(path: Path, task: str, is_test: bool, drop: bool, config_key: str
         if name and names.count(name) > 1:
             raise ValueError(f"{path}:1: column '{name}' appears more than once in the header")
     label_column = LABEL_COLUMN[task]
-    if is_test and label_column in names:
+    if is_test and label_column in names and not ignore_labels:
         raise ValueError(f"{path}:1: a test file must not have a label column, found '{label_column}'")
     required = ["id", *SENTENCE_COLUMNS[task]] + ([] if is_test else [label_column])
     for column in required:
@@ -278,7 +279,7 @@ def _ordered(splits: dict) -> list[str]:
 # ---------------------------------------------------------------- tokenizing
 
 
-def _load_tokenizer(model_dir: Path, max_length: int):
+def load_tokenizer(model_dir: Path, max_length: int):
     """tokenizer.json if the folder has one, else vocab.txt; no padding, truncation to max_length."""
     from tokenizers import Tokenizer
     from tokenizers.implementations import BertWordPieceTokenizer

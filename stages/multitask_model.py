@@ -213,6 +213,15 @@ class MultitaskModel(nn.Module):
         a 0/1 regression's 0.5."""
         return PARA_MSE_THRESHOLD if self.para_loss == "mse" else 0.0
 
+    def para_probability(self, output: torch.Tensor) -> torch.Tensor:
+        """The para output as P(paraphrase) in [0, 1], above 1/2 exactly where it is above
+        para_threshold(): a logit's sigmoid, a cosine's (1 + cos) / 2, a 0/1 regression clipped."""
+        if self.para_loss == "bce":
+            return torch.sigmoid(output)
+        if self.para_loss == "mse":
+            return output.clamp(0.0, 1.0)
+        return (output.clamp(-1.0, 1.0) + 1) / 2
+
     def sentence_vectors(self, input_ids, attention_mask, task=None, token_type_ids=None) -> torch.Tensor:
         """One pooled vector per sequence, [B, H], no dropout; `task` picks the encoder and PALs."""
         hidden = self.encoder_for(task)(input_ids, attention_mask, token_type_ids, task=task)
@@ -387,17 +396,24 @@ def batch_lengths(task: str, split, encoding: str = "separate") -> np.ndarray:
     return a + b - 1 if encoding in ("concat", "both") else np.maximum(a, b)
 
 
-@torch.no_grad()
 def predict(model: MultitaskModel, task: str, split, batch_size: int, device) -> np.ndarray:
     """Predictions for every row, in the split's row order.
 
     sst: class 0..4 (int64); para: 0/1 (int64, output above model.para_threshold(): a logit > 0,
     i.e. sigmoid > 0.5, a cosine > 0, a 0/1 regression > 0.5); sts: score clipped to [0, 5] (float32).
     """
+    return predict_with_scores(model, task, split, batch_size, device)[0]
+
+
+@torch.no_grad()
+def predict_with_scores(model: MultitaskModel, task: str, split, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions as `predict` gives them, scores): sst the five class probabilities [n, 5]
+    (softmax of the logits); para P(paraphrase) [n] (para_probability); sts the score itself."""
     was_training = model.training
     model.eval()
     n = len(split)
     out = np.zeros(n, dtype=np.float32 if task == "sts" else np.int64)
+    scores = np.zeros((n, 5) if task == "sst" else n, dtype=np.float32)
     encoding = model.batch_encoding(task)
     try:
         for idx in bucketed_batches(batch_lengths(task, split, encoding), batch_size, None):
@@ -406,15 +422,16 @@ def predict(model: MultitaskModel, task: str, split, batch_size: int, device) ->
                 output = model(task, batch)
             output = output.float()
             if task == "sst":
-                values = output.argmax(dim=-1)
+                values, score = output.argmax(dim=-1), output.softmax(dim=-1)
             elif task == "para":
-                values = (output > model.para_threshold()).long()
+                values, score = (output > model.para_threshold()).long(), model.para_probability(output)
             else:
-                values = output.clamp(0.0, STS_MAX)
+                values = score = output.clamp(0.0, STS_MAX)
             out[np.asarray(idx)] = values.cpu().numpy()
+            scores[np.asarray(idx)] = score.cpu().numpy()
     finally:
         model.train(was_training)
-    return out
+    return out, scores
 
 
 def save_multitask(model: MultitaskModel, out_dir, tokenizer_from=None) -> Path:

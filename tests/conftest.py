@@ -86,3 +86,15 @@ def mlflow_runs(store: str | Path, experiment: str):
 def children_of(runs, parent) -> dict:
     """{stage tag: run} of the runs directly under `parent`."""
     return {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, shared_data_dir):
+    """(workdir, the finished process) of one `run --smoke` (MLflow experiment `e2e`, mlm_pretrain
+    on): tests/pipeline/test_cli.py checks the run, test_predict.py predicts with its model."""
+    work = tmp_path_factory.mktemp("e2e")
+    write_experiment(work, "e2e", data_dir=shared_data_dir, stages="  mlm_pretrain: {enabled: true, num_cpus: 1}\n"
+                     "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n")
+    proc = run_pipeline(work, "run", "exp.yaml", "--smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, proc

@@ -135,6 +135,13 @@ def test_comparison_artifacts_on_the_parent(runs, tmp_path):
         assert float(line["dev/overall_mean"]) == pytest.approx(mean, abs=1e-6)
         assert float(line["dev/overall_std"]) >= 0
     assert float(table["baseline"]["dev/overall_delta"]) == 0
+    # The paired bootstrap over the dev predictions on disk: an interval for every dev score of the
+    # variant, none for the baseline itself.
+    for m in ("dev/sst_acc", "dev/para_acc", "dev/sts_corr", "dev/overall"):
+        low, high = float(table["concat_pairs"][f"{m}_ci_low"]), float(table["concat_pairs"][f"{m}_ci_high"])
+        assert -2 <= low <= high <= 2
+        assert table["concat_pairs"][f"{m}_ci_excludes_0"] == str(low > 0 or high < 0).lower()
+        assert table["baseline"][f"{m}_ci_low"] == ""
     assert (local / "comparison_bars.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -145,6 +152,7 @@ def test_report_prints_the_table(workdir, runs):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| variant | runs |")
     assert lines[1].startswith("| baseline | 2/2 |") and lines[2].startswith("| concat_pairs | 2/2 |")
+    assert " [" in lines[2].split("|")[7] and "excludes 0" in proc.stdout  # the Δ overall's 95% interval
     missing = run_pipeline(workdir, "report", "0" * 32, "exp.yaml")
     assert missing.returncode == 2 and "no run" in missing.stderr
 

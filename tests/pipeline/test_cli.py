@@ -1,18 +1,17 @@
 """End to end: the real CLI, `--smoke`, on a real local Ray and a real MLflow sqlite store."""
 
+import json
+
 import pytest
 
-from tests.conftest import mlflow_runs, run_pipeline, write_experiment
+from tests.conftest import local_store, mlflow_runs, run_pipeline
 
 STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data_dir):
-    work = tmp_path_factory.mktemp("e2e")
-    write_experiment(work, "e2e", data_dir=shared_data_dir, stages="  mlm_pretrain: {enabled: true, num_cpus: 1}\n"
-                     "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n")
-    return work
+def workdir(smoke_run):
+    return smoke_run[0]
 
 
 def run_cli(work, *args):
@@ -20,10 +19,8 @@ def run_cli(work, *args):
 
 
 @pytest.fixture(scope="module")
-def first_run(workdir):
-    proc = run_cli(workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def first_run(smoke_run):
+    return smoke_run[1]
 
 
 def test_smoke_run_records_parent_and_stage_runs(workdir, first_run):
@@ -52,6 +49,28 @@ def test_smoke_run_records_parent_and_stage_runs(workdir, first_run):
     assert "predictions/sst-test-output.csv" in artifacts
     assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "dev/overall" in first_run.stdout and "mlflow ui --backend-store-uri" in first_run.stdout
+
+
+def test_evaluate_run_carries_the_error_analysis(workdir, first_run, monkeypatch):
+    client, runs = mlflow_runs(workdir, "e2e")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", local_store(workdir))  # load_table searches the global store
+    evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
+    for name in [f"dev/sst_f1_{k}" for k in range(5)] + ["dev/sst_macro_f1", "dev/para_precision", "dev/para_recall",
+                                                         "dev/para_f1", "dev/sts_spearman"]:
+        assert name in evaluate.data.metrics
+    assert sorted(a.path for a in client.list_artifacts(evaluate.info.run_id, "analysis")) == [
+        "analysis/analysis.json", "analysis/sst_confusion.png", "analysis/sts_scatter.png",
+        "analysis/worst-para.json", "analysis/worst-sst.json", "analysis/worst-sts.json"]
+    assert {"path": "analysis/worst-sts.json", "type": "table"} in json.loads(evaluate.data.tags["mlflow.loggedArtifacts"])
+    # The worst examples as MLflow tables (the UI's artifact view, and mlflow.load_table): sentences,
+    # gold and predicted values.
+    table = client.load_table(evaluate.info.experiment_id, "analysis/worst-sts.json", [evaluate.info.run_id])
+    assert list(table.columns[:6]) == ["id", "sentence1", "sentence2", "gold", "predicted", "abs_error"]
+    assert 0 < len(table) <= 20 and table["sentence1"].str.len().min() > 0
+    errors = table["abs_error"].astype(float).tolist()
+    assert errors == sorted(errors, reverse=True)
+    sst = client.load_table(evaluate.info.experiment_id, "analysis/worst-sst.json", [evaluate.info.run_id])
+    assert (sst["gold"] != sst["predicted"]).all()
 
 
 def test_smoke_run_writes_starter_format_predictions(workdir, first_run):

@@ -17,11 +17,11 @@ LAYERS = [
     ["typed"],
     ["config_rules"],
     ["config"],
-    ["store", "tracking", "grids", "search_space", "cron", "submission"],
+    ["store", "tracking", "grids", "search_space", "cron", "submission", "bootstrap"],
     ["prepare", "registry", "comparison", "lifecycle"],
-    ["dag"],
+    ["dag", "differences"],
     ["tuning"],
-    ["run", "ablate", "tune", "report", "leaderboard", "submit", "schedule"],  # the verbs
+    ["run", "ablate", "tune", "report", "leaderboard", "submit", "schedule", "predict"],  # the verbs
     ["cli"],
     ["__main__"],
 ]

@@ -77,3 +77,19 @@ def test_plots_are_pngs(rows, tmp_path):
     for path in (plot_bars(groups, tmp_path / "bars.png", "t"), plot_curves(groups, tmp_path / "curves.png", "t")):
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_intervals_in_csv_and_markdown_and_the_mark_when_they_exclude_zero(rows):
+    groups = summarize(rows, order=["baseline", "pcgrad"])
+    groups[1].ci = {"dev/overall": (0.02, 0.18), "dev/sst_acc": (-0.01, 0.17)}
+    table = list(csv.DictReader(io.StringIO(to_csv(groups))))
+    assert (table[1]["dev/overall_ci_low"], table[1]["dev/overall_ci_high"]) == ("0.020000", "0.180000")
+    assert table[1]["dev/overall_ci_excludes_0"] == "true" and table[1]["dev/sst_acc_ci_excludes_0"] == "false"
+    assert table[0]["dev/overall_ci_low"] == "" and table[1]["dev/para_acc_ci_low"] == ""
+    md = to_markdown(groups).splitlines()
+    assert "Δ overall [95% CI]" in md[0]
+    assert "+0.1000 [+0.0200, +0.1800]*" in md[3]
+    assert "| baseline | 2/2 |" in md[2] and "+0.0000 |" in md[2]
+    assert "excludes 0" in md[-1]
+    groups[1].ci["dev/overall"] = (-0.02, 0.18)
+    assert "+0.1000 [-0.0200, +0.1800] |" in to_markdown(groups)

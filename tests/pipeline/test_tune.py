@@ -110,6 +110,22 @@ def test_best_config_is_ready_to_run_and_its_model_is_registered(workdir, search
     assert "data_prep     cached, skipped" in proc.stdout
 
 
+def test_report_gives_each_trial_its_delta_against_the_best_with_an_interval(workdir, search):
+    _, runs = mlflow_runs(workdir, "tune-e2e")
+    parent = next(r for r in runs if r.data.tags.get("stage") == "tune")
+    proc = run_cli(workdir, "report", parent.info.run_id, "exp.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| trial ")]
+    assert len(lines) == 2
+    assert lines[0].split("|")[7].strip() == "+0.0000"  # the best (first) against itself: no interval
+    records = {json.loads(p.read_text())["trial_id"]: json.loads(p.read_text())
+               for p in (workdir / "artifacts" / "tune" / "t1" / "trials").glob("*/trial.json")}
+    if all(r["status"] == "finished" for r in records.values()):  # both evaluated: predictions on disk
+        assert " [" in lines[1].split("|")[7] and "excludes 0" in proc.stdout
+    else:  # one stopped by ASHA before evaluate: said, not invented
+        assert "no intervals" in proc.stdout and " [" not in lines[1].split("|")[7]
+
+
 def test_resume_of_a_finished_search_reruns_no_trial(workdir, search):
     _, before = mlflow_runs(workdir, "tune-e2e")
     proc = run_cli(workdir, "tune", "exp.yaml", "--space", str(SPACE), "--smoke", "--resume")

@@ -1,6 +1,8 @@
 """evaluate: the starter's exact prediction files, the submission zip, and dev metrics that
 agree with a hand computation from the written files."""
 
+import csv
+import json
 import re
 import zipfile
 
@@ -12,7 +14,7 @@ from pipeline.config import PipelineConfig, apply_overrides
 from stages import evaluate
 from stages.batches import load_split, pad_batch
 from stages.encoder import load_bert
-from stages.multitask_model import MultitaskModel, load_multitask, predict, save_multitask
+from stages.multitask_model import MultitaskModel, load_multitask, predict, predict_with_scores, save_multitask
 
 HEADERS = {"sst": b"id \t Predicted_Sentiment \n",
            "para": b"id \t Predicted_Is_Paraphrase \n",
@@ -171,3 +173,68 @@ def test_missing_finetune_model_is_a_clear_error(prepared, tiny_model_dir, tmp_p
     cfg = _cfg(prepared, tiny_model_dir)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "model")):
         evaluate.run(cfg, {"data_prep": prepared, "finetune": tmp_path}, tmp_path / "out", lambda *a, **k: None)
+
+
+def test_error_analysis_agrees_with_the_prediction_files(evaluated, prepared, finetuned, shared_data_dir):
+    out, result, _ = evaluated
+    folder = out / "analysis"
+    assert result["analysis"] == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "analysis.json", "sst_confusion.png", "sts_scatter.png", "worst-para.csv", "worst-sst.csv", "worst-sts.csv"]
+    for png in ("sst_confusion.png", "sts_scatter.png"):
+        assert (folder / png).read_bytes()[:4] == b"\x89PNG"
+    gold = {task: dict(zip(load_split(prepared / f"{task}-dev.arrow").ids, load_split(prepared / f"{task}-dev.arrow").labels.tolist()))
+            for task in ("sst", "para", "sts")}
+    rows = {task: {i.decode(): float(v) for i, v in _read_rows(out / "predictions" / f"{task}-dev-output.csv")}
+            for task in gold}
+
+    # The confusion matrix counted by hand from the file, and the F1 of each class from it.
+    counts = np.zeros((5, 5), dtype=int)
+    for id_, pred in rows["sst"].items():
+        counts[gold["sst"][id_], int(pred)] += 1
+    assert json.loads((folder / "analysis.json").read_text())["sst_confusion"] == counts.tolist()
+    metrics = result["metrics"]
+    for k in range(5):
+        hits, predicted, actual = counts[k, k], counts[:, k].sum(), counts[k].sum()
+        f1 = 2 * hits / (predicted + actual) if predicted + actual else 0.0
+        assert metrics[f"dev/sst_f1_{k}"] == pytest.approx(f1)
+    tp = sum(1 for i, p in rows["para"].items() if p == 1 and gold["para"][i] == 1)
+    assert metrics["dev/para_precision"] == pytest.approx(tp / max(1, sum(p == 1 for p in rows["para"].values())))
+    assert metrics["dev/para_recall"] == pytest.approx(tp / max(1, sum(g == 1 for g in gold["para"].values())))
+    assert -1 <= metrics["dev/sts_spearman"] <= 1
+
+    # The worst tables: only wrong sst/para rows, most confident first; sts by the largest error;
+    # with the sentences of the source file.
+    model = load_multitask(finetuned / "model")
+    _, probs = predict_with_scores(model, "sst", load_split(prepared / "sst-dev.arrow"), 4, "cpu")
+    worst_sst = list(csv.DictReader((folder / "worst-sst.csv").open(encoding="utf-8")))
+    wrong = [i for i, p in rows["sst"].items() if p != gold["sst"][i]]
+    assert len(worst_sst) == min(20, len(wrong)) and all(r["id"] in wrong for r in worst_sst)
+    assert all(int(r["gold"]) == gold["sst"][r["id"]] and int(r["predicted"]) == rows["sst"][r["id"]] for r in worst_sst)
+    confidences = [float(r["confidence"]) for r in worst_sst]
+    assert confidences == sorted(confidences, reverse=True) and 0.2 <= confidences[-1] <= confidences[0] <= 1
+    assert confidences[0] == pytest.approx(max(probs[i].max() for i, id_ in enumerate(rows["sst"]) if id_ in wrong), abs=1e-4)
+    source = {line.split("\t")[1]: line.split("\t")[2] for line in
+              (shared_data_dir / "ids-sst-dev.csv").read_text(encoding="utf-8").splitlines()[1:]}
+    assert all(r["sentence"] == source[r["id"]] for r in worst_sst)
+    worst_sts = list(csv.DictReader((folder / "worst-sts.csv").open(encoding="utf-8")))
+    errors = [float(r["abs_error"]) for r in worst_sts]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[0] == pytest.approx(max(abs(rows["sts"][i] - gold["sts"][i]) for i in rows["sts"]), abs=1e-3)
+    assert worst_sts[0]["sentence1"] and worst_sts[0]["sentence2"]
+    worst_para = list(csv.DictReader((folder / "worst-para.csv").open(encoding="utf-8")))
+    assert all(float(r["predicted"]) != gold["para"][r["id"]] for r in worst_para)
+    assert all((float(r["p_paraphrase"]) > 0.5) == (r["predicted"] == "1") for r in worst_para)
+
+
+def test_para_probability_is_above_a_half_exactly_where_the_prediction_is_a_paraphrase():
+    import torch
+
+    output = torch.tensor([-2.0, -0.1, 0.3, 0.7, 3.0])
+    expected = {"bce": torch.sigmoid(output), "mse": output.clamp(0, 1), "cosine_embedding": (output.clamp(-1, 1) + 1) / 2}
+    for loss, probability in expected.items():
+        model = MultitaskModel.__new__(MultitaskModel)
+        model.para_loss = loss
+        got = model.para_probability(output)
+        assert torch.allclose(got, probability)
+        assert ((got > 0.5) == (output > model.para_threshold())).all()

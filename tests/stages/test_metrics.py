@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from stages.metrics import accuracy, dev_metrics, overall, pearson
+from stages.metrics import (accuracy, analysis_metrics, binary_precision_recall_f1, confusion_matrix, dev_metrics, overall,
+                            pearson, per_class_f1, ranks, spearman)
 
 
 def test_accuracy_hand_case():
@@ -58,3 +59,42 @@ def test_dev_metrics_rejects_unknown_task_and_missing_gold():
         dev_metrics({"nli": np.array([1])}, {"nli": np.array([1])})
     with pytest.raises(KeyError, match="para"):
         dev_metrics({"para": np.array([1])}, {})
+
+
+def test_confusion_matrix_and_per_class_f1_hand_case():
+    # gold 0 0 1 1 2, predicted 0 1 1 1 0: class 0 has 1 hit of 2 predicted, 2 gold -> P 1/2, R 1/2,
+    # F1 1/2; class 1: 2 hits of 3 predicted, 2 gold -> P 2/3, R 1, F1 2 (2/3)(1) / (5/3) = 4/5;
+    # class 2 never predicted, once gold -> P 0, R 0, F1 0.
+    counts = confusion_matrix([0, 1, 1, 1, 0], [0, 0, 1, 1, 2], 3)
+    assert counts.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    precision, recall, f1 = per_class_f1(counts)
+    assert precision == pytest.approx([0.5, 2 / 3, 0.0])
+    assert recall == pytest.approx([0.5, 1.0, 0.0])
+    assert f1 == pytest.approx([0.5, 0.8, 0.0])
+
+
+def test_binary_precision_recall_f1_hand_case():
+    # predicted 1 1 1 0 0 against gold 1 0 1 1 0: TP 2, FP 1, FN 1 -> P 2/3, R 2/3, F1 2/3
+    assert binary_precision_recall_f1([1, 1, 1, 0, 0], np.array([1.0, 0.0, 1.0, 1.0, 0.0])) == pytest.approx(
+        (2 / 3, 2 / 3, 2 / 3))
+    assert binary_precision_recall_f1([0, 0], [0.0, 1.0]) == (0.0, 0.0, 0.0)  # nothing predicted positive
+
+
+def test_spearman_hand_case_with_ties():
+    assert ranks([10, 20, 20, 30]).tolist() == [0, 1.5, 1.5, 3]
+    # A monotone but non-linear relation: Spearman 1, Pearson below 1.
+    assert spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3, 4], [1, 4, 9, 100]) < 0.9
+    # ranks (0, 1.5, 1.5, 3) against (0, 1, 2, 3): centred (-1.5, 0, 0, 1.5) and (-1.5, -.5, .5, 1.5):
+    # sum of products 4.5, squares 4.5 and 5 -> 4.5 / sqrt(22.5)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+
+
+def test_analysis_metrics_names_and_values():
+    m = analysis_metrics({"sst": np.array([0, 1, 1, 1, 0]), "para": np.array([1, 1, 1, 0, 0]),
+                          "sts": np.array([1.0, 2.0, 3.0, 4.0])},
+                         {"sst": np.array([0, 0, 1, 1, 2]), "para": np.array([1.0, 0.0, 1.0, 1.0, 0.0]),
+                          "sts": np.array([1.0, 4.0, 9.0, 100.0])})
+    assert m == pytest.approx({"dev/sst_f1_0": 0.5, "dev/sst_f1_1": 0.8, "dev/sst_f1_2": 0.0, "dev/sst_f1_3": 0.0,
+                               "dev/sst_f1_4": 0.0, "dev/sst_macro_f1": 1.3 / 5, "dev/para_precision": 2 / 3,
+                               "dev/para_recall": 2 / 3, "dev/para_f1": 2 / 3, "dev/sts_spearman": 1.0})
