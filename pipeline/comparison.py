@@ -4,9 +4,10 @@ The rows are the parent run's child runs: an ablation's variant runs (tag `stage
 grouped by their `ablation` tag, one run per seed) or a search's trial runs (`stage=trial`).
 Per group: the mean and standard deviation across seeds of dev/sst_acc, dev/para_acc,
 dev/sts_corr and dev/overall, the difference of the means against the `baseline` variant, wall
-time and peak memory. `ablate` writes the table (CSV, Markdown) and two plots (bars with error
-bars, per-epoch dev curves) and logs them on the parent run; the `report` verb prints it for
-any finished ablation or search.
+time and peak memory, and for a report grid the report's published numbers beside ours (the
+variant runs' `published/*` tags, pipeline/published.py). `ablate` writes the table (CSV,
+Markdown) and two plots (bars with error bars, per-epoch dev curves) and logs them on the parent
+run; the `report` verb prints it for any finished ablation or search.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import published, tracking
 from pipeline.constants import DEV_METRICS, METRIC
 
 METRICS = DEV_METRICS
@@ -39,6 +40,7 @@ class RunRow:
     seconds: float | None  # the variant's own compute (stage seconds), else the run's duration
     peak_rss_mb: float | None
     curves: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {epoch: value}
+    published: dict[str, float] = field(default_factory=dict)  # metric -> the report's number (tags published/*)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Group:
     delta: dict[str, float]  # mean minus the baseline's mean; absent without a baseline
     seconds: float | None  # mean over the runs
     peak_rss_mb: float | None  # max over the runs
+    published: dict[str, float] = field(default_factory=dict)  # metric -> the report's number, if any
 
     @property
     def finished(self) -> int:
@@ -79,7 +82,7 @@ def summarize(rows: list[RunRow], order: list[str] | None = None, baseline: str 
         seconds = [r.seconds for r in done if r.seconds is not None]
         peaks = [r.peak_rss_mb for r in runs if r.peak_rss_mb is not None]
         groups.append(Group(label, runs, mean, std, {}, sum(seconds) / len(seconds) if seconds else None,
-                            max(peaks) if peaks else None))
+                            max(peaks) if peaks else None, next((r.published for r in runs if r.published), {})))
     base = next((g for g in groups if g.label == baseline), None)
     if base is not None:
         for g in groups:
@@ -128,7 +131,8 @@ def read_rows(uri: str, parent_id: str) -> tuple[dict, list[RunRow]]:
                 curves[m] = per_epoch
         rows.append(RunRow(label, run.info.run_id, run.info.status, tags.get("seed", run.data.params.get("seed", "")),
                            {m: metrics[m] for m in METRICS if m in metrics},
-                           metrics.get("variant/seconds", duration), metrics.get("variant/peak_rss_mb"), curves))
+                           metrics.get("variant/seconds", duration), metrics.get("variant/peak_rss_mb"), curves,
+                           published.from_tags(tags)))
     return parent.data.tags, rows
 
 
@@ -139,6 +143,7 @@ def to_csv(groups: list[Group]) -> str:
     header = ["variant", "runs", "finished"]
     for m in METRICS:
         header += [f"{m}_mean", f"{m}_std", f"{m}_delta"]
+    header += [f"{m}_published" for m in METRICS]
     header += ["seconds", "peak_rss_mb", "run_ids"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -147,15 +152,20 @@ def to_csv(groups: list[Group]) -> str:
         line = [g.label, len(g.runs), g.finished]
         for m in METRICS:
             line += [_num(g.mean.get(m)), _num(g.std.get(m)), _num(g.delta.get(m))]
+        line += [_num(g.published.get(m), 4) for m in METRICS]
         line += [_num(g.seconds, 1), _num(g.peak_rss_mb, 0), " ".join(r.run_id for r in g.runs)]
         writer.writerow(line)
     return out.getvalue()
 
 
 def to_markdown(groups: list[Group]) -> str:
-    """Mean ± std over seeds per metric, then the delta of dev/overall against the baseline."""
-    lines = ["| variant | runs | " + " | ".join(SHORT[m] for m in METRICS) + " | Δ overall | wall s | peak MiB |",
-             "|---|---:|" + "---:|" * len(METRICS) + "---:|---:|---:|"]
+    """Mean ± std over seeds per metric, then the delta of dev/overall against the baseline (and,
+    for a report grid, the report's published numbers in one column)."""
+    shows_published = any(g.published for g in groups)
+    lines = ["| variant | runs | " + " | ".join(SHORT[m] for m in METRICS) + " | Δ overall |"
+             + (" published sst / para / sts / overall |" if shows_published else "")
+             + " wall s | peak MiB |",
+             "|---|---:|" + "---:|" * len(METRICS) + "---:|" + ("---:|" if shows_published else "") + "---:|---:|"]
     for g in groups:
         cells = [g.label, f"{g.finished}/{len(g.runs)}"]
         for m in METRICS:
@@ -165,6 +175,8 @@ def to_markdown(groups: list[Group]) -> str:
                 cells.append(f"{g.mean[m]:.4f}" + (f" ± {g.std[m]:.4f}" if m in g.std else ""))
         d = g.delta.get(METRIC)
         cells.append("-" if d is None else f"{d:+.4f}")
+        if shows_published:
+            cells.append(" / ".join(f"{g.published[m]:.3f}" if m in g.published else "-" for m in METRICS))
         cells.append("-" if g.seconds is None else f"{g.seconds:.1f}")
         cells.append("-" if g.peak_rss_mb is None else f"{g.peak_rss_mb:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
