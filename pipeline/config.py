@@ -283,6 +283,9 @@ SMOKE_OVERRIDES = {
     "train.batch_size": 16,
     "train.eval_batch_size": 64,
     "train.warmup_ratio": 0.0,
+    # A recipe's fixed epoch length (report D's 3000 batches) would make a smoke run minutes of
+    # cycling through 64 rows: smoke epochs are every task's batches once.
+    "train.steps_per_epoch": None,
     "train.lr": 1e-3,
     "mlm.lr": 1e-3,
     "train.checkpoint_every": 4,
