@@ -89,3 +89,11 @@ def test_one_report_grid_per_table_each_row_with_its_published_numbers():
                                                          "overall": (0.503 + 0.883 + 1.822 / 2) / 3})
     assert rows["a"][2]["multitask_cosine_linear_pcgrad"]["para"] is None
 
+
+def test_the_mlm_and_pals_grids_change_one_thing_per_variant():
+    base, variants = load_grid(ABLATIONS / "mlm.yaml")
+    samplings = {name: apply_overrides(PipelineConfig(), {**base, **v}).train.sampling for name, v in variants.items()}
+    assert set(samplings.values()) == {"summed"}, samplings
+    base, variants = load_grid(ABLATIONS / "pals.yaml")
+    wide = apply_overrides(PipelineConfig(), {**base, **variants["pals_wide"]}).model.pals
+    assert wide.size > PipelineConfig().model.pals.size
