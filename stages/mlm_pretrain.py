@@ -58,7 +58,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
           f"({len(train_sents)} for training, {len(heldout_sents)} held out)")
     train_text, heldout_text = _as_split(train_sents, "mlm-train"), _as_split(heldout_sents, "mlm-heldout")
 
-    encoder = load_bert(cfg.model.dir, dropout=cfg.model.dropout)
+    m = cfg.model
+    encoder = load_bert(m.dir, dropout=m.dropout if m.encoder_dropout is None else m.encoder_dropout)
     if encoder.config.vocab_size != tok["vocab_size"]:
         raise ValueError(f"{data_dir / 'manifest.json'}: tokenizer.vocab_size {tok['vocab_size']} does not match "
                          f"the model's vocab_size {encoder.config.vocab_size} ({cfg.model.dir})")

@@ -314,7 +314,7 @@ class MultitaskModel(nn.Module):
 def build_model(cfg, encoder_dir) -> MultitaskModel:
     """The model cfg.model and cfg.loss describe: encoder(s) from encoder_dir, fresh heads (on CPU)."""
     m = cfg.model
-    encoder = load_bert(encoder_dir, dropout=m.dropout)
+    encoder = load_bert(encoder_dir, dropout=m.dropout if m.encoder_dropout is None else m.encoder_dropout)
     return MultitaskModel(encoder, m.pooling, m.dropout,
                           para_encoding=m.para.encoding, para_head=m.para.head, para_loss=cfg.loss.para,
                           sts_encoding=m.sts.encoding, sts_head=m.sts.head, sts_loss=cfg.loss.sts,

@@ -50,20 +50,30 @@ def smart_adversarial_loss(model: nn.Module, task: str, batch: dict, clean_outpu
     # would shift the dropout masks away from the clean pass's.
     generator = torch.Generator(device).manual_seed(int(torch.randint(2 ** 62, ())))
     perturbation = _EmbeddingPerturbation(model, smart_cfg.noise_std, generator)
-    # The extra train-mode passes would move BatchNorm running statistics (deep heads) on
-    # perturbed inputs; they are put back afterwards.
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    with perturbation.active():
+    with perturbation.active(), _running_stats_untouched(model):
         noisy = perturbation.forward(model, task, batch, device, rng_state)
         ascent = symmetric_divergence(task, noisy, clean_output.detach(), _regression(model, task))
         grads = torch.autograd.grad(ascent, perturbation.deltas, allow_unused=True)
         perturbation.deltas = [_ascend(d, g, smart_cfg.step_size, smart_cfg.epsilon)
                                for d, g in zip(perturbation.deltas, grads)]
         adversarial = perturbation.forward(model, task, batch, device, rng_state)
-    with torch.no_grad():
-        for buffer, saved in buffers:
-            buffer.copy_(saved)
     return smart_cfg.weight * symmetric_divergence(task, adversarial, clean_output, _regression(model, task))
+
+
+@contextmanager
+def _running_stats_untouched(model: nn.Module):
+    """The extra train-mode passes normalise with batch statistics, as the clean pass does, but
+    leave BatchNorm's running statistics (deep heads) alone: moved by perturbed inputs they would
+    be wrong, and written in place they would break the backward of the clean pass, whose graph
+    holds them (a copy put back afterwards is a write too)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def make_proximal_copy(model: nn.Module) -> nn.Module:

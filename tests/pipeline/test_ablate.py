@@ -1,10 +1,12 @@
 """End to end: `python -m pipeline ablate --smoke` against a real `mlflow server` on 127.0.0.1,
-`python -m pipeline report`, and the MLflow UI's compare page rendered by headless Chromium."""
+`python -m pipeline report`, and the MLflow UI's compare page rendered by headless Chromium;
+every report grid (search_spaces/ablations/reports/) with its published numbers beside ours."""
 
 import csv
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import mlflow_runs, run_pipeline, write_experiment
+from pipeline.grids import load_grid_with_published
+from tests.conftest import REPO, mlflow_runs, run_pipeline, write_experiment
 
 GRID = """# test grid: two variants
 variants:
@@ -23,6 +26,7 @@ variants:
   concat_pairs: {model.para.encoding: concat, model.sts.encoding: concat}
 """
 SEEDS = 2
+REPORT_GRIDS = sorted((REPO / "search_spaces" / "ablations" / "reports").glob("*.yaml"))
 
 
 def free_port() -> int:
@@ -202,3 +206,35 @@ def test_a_failing_variant_does_not_stop_the_others(tmp_path, shared_data_dir):
     assert parent.info.status == "FAILED" and parent.data.tags["failed_variants"] == "broken"
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "comparison")]
     assert "RUNNING" not in {r.info.status for r in all_runs}
+
+
+@pytest.fixture(scope="module")
+def reports_workdir(tmp_path_factory, shared_data_dir):
+    """One folder, store and MLflow experiment for the five report grids: data_prep runs once."""
+    work = tmp_path_factory.mktemp("reports")
+    write_experiment(work, "ablate-reports", data_dir=shared_data_dir)
+    return work
+
+
+@pytest.mark.parametrize("grid", REPORT_GRIDS, ids=lambda p: p.stem)
+def test_a_report_grid_runs_with_the_published_numbers_beside_ours(reports_workdir, grid):
+    proc = run_pipeline(reports_workdir, "ablate", "exp.yaml", "--grid", str(grid), "--smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, variants, numbers = load_grid_with_published(grid)
+    out_dir = Path(re.search(r"^comparison: +(\S+)", proc.stdout, re.M).group(1))
+    md = (out_dir / "comparison.md").read_text().splitlines()
+    assert "| Δ overall | published sst / para / sts / overall |" in md[2]
+    lines = {line.split(" | ")[0].removeprefix("| "): line for line in md[4:] if line.startswith("| ")}
+    assert list(lines) == list(variants)
+    table = {r["variant"]: r for r in csv.DictReader(io.StringIO((out_dir / "comparison.csv").read_text()))}
+    for name, cells in numbers.items():
+        shown = " / ".join("-" if v is None else f"{v:.3f}" for v in cells.values())
+        assert lines[name].startswith(f"| {name} | 1/1 |") and f"| {shown} |" in lines[name], lines[name]
+        assert table[name]["dev/sst_acc_published"] == f"{cells['sst']:.4f}"
+    # On the variant runs in MLflow, where the comparison read them from.
+    _, all_runs = mlflow_runs(reports_workdir, "ablate-reports")
+    parent = next(r for r in all_runs if r.data.tags.get("mlflow.runName") == f"ablation {grid.stem}-smoke")
+    tagged = {r.data.tags["ablation"]: r.data.tags for r in all_runs
+              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and r.data.tags.get("stage") == "variant"}
+    assert {name: float(tags["published/sts"]) for name, tags in tagged.items()} == \
+        {name: cells["sts"] for name, cells in numbers.items()}

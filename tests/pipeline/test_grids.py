@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides
-from pipeline.grids import load_grid, variant_overrides
+from pipeline.grids import load_grid, load_grid_with_published, variant_overrides
 from tests.conftest import REPO
 
 TECHNIQUES = REPO / "search_spaces" / "ablations" / "techniques.yaml"
@@ -61,13 +61,39 @@ def test_unknown_top_level_key(tmp_path):
         load_grid(grid)
 
 
-@pytest.mark.parametrize("grid", sorted((REPO / "search_spaces" / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+ABLATIONS = REPO / "search_spaces" / "ablations"
+REPORTS = sorted((ABLATIONS / "reports").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("grid", sorted(ABLATIONS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(ABLATIONS)))
 def test_every_shipped_grid_loads_says_how_to_run_and_has_a_baseline(grid):
     text = grid.read_text()
-    assert text.startswith("#") and f"--grid search_spaces/ablations/{grid.name}" in text
+    assert text.startswith("#") and f"--grid {grid.relative_to(REPO)}" in text
     base, variants = load_grid(grid)
     assert "baseline" in variants
     configs = {name: repr(apply_overrides(PipelineConfig(), {**base, **v})) for name, v in variants.items()}
     if grid.name == "techniques.yaml":  # `proportional` is the default sampling, listed under the name users look for
         configs.pop("proportional")
     assert len(set(configs.values())) == len(configs), "two variants of the grid are the same config"
+
+
+def test_one_report_grid_per_table_each_row_with_its_published_numbers():
+    assert [p.name for p in REPORTS] == ["a_separate_encoders.yaml", "b_pals.yaml", "c_heads.yaml",
+                                         "d_sampling_heads.yaml", "e_summed_mlm.yaml"]
+    rows = {p.name[0]: load_grid_with_published(p) for p in REPORTS}
+    # 4 + 6 + 6 + 7 + 6 table rows; report C has a variant per published cell (H: frozen only).
+    assert {k: len(v[1]) for k, v in rows.items()} == {"a": 4, "b": 6, "c": 11, "d": 7, "e": 6}
+    for _, variants, numbers in rows.values():
+        assert set(numbers) == set(variants)
+    assert rows["c"][2]["E_finetuned"] == pytest.approx({"sst": 0.503, "para": 0.883, "sts": 0.822,
+                                                         "overall": (0.503 + 0.883 + 1.822 / 2) / 3})
+    assert rows["a"][2]["multitask_cosine_linear_pcgrad"]["para"] is None
+
+
+def test_the_mlm_and_pals_grids_change_one_thing_per_variant():
+    base, variants = load_grid(ABLATIONS / "mlm.yaml")
+    samplings = {name: apply_overrides(PipelineConfig(), {**base, **v}).train.sampling for name, v in variants.items()}
+    assert set(samplings.values()) == {"summed"}, samplings
+    base, variants = load_grid(ABLATIONS / "pals.yaml")
+    wide = apply_overrides(PipelineConfig(), {**base, **variants["pals_wide"]}).model.pals
+    assert wide.size > PipelineConfig().model.pals.size

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 LAYERS = [
     ["constants", "yamlfile"],
     ["typed"],
-    ["config_rules"],
+    ["config_rules", "published"],
     ["config"],
     ["store", "tracking", "grids", "search_space", "cron", "submission", "bootstrap"],
     ["prepare", "registry", "comparison", "lifecycle"],

@@ -93,3 +93,16 @@ def test_intervals_in_csv_and_markdown_and_the_mark_when_they_exclude_zero(rows)
     assert "excludes 0" in md[-1]
     groups[1].ci["dev/overall"] = (-0.02, 0.18)
     assert "+0.1000 [-0.0200, +0.1800] |" in to_markdown(groups)
+
+
+def test_published_numbers_beside_ours_only_when_a_row_has_them(rows):
+    rows[1].published = {"dev/sst_acc": 0.505, "dev/para_acc": 0.822, "dev/sts_corr": 0.496, "dev/overall": 0.692}
+    rows[2].published = dict(rows[1].published)
+    groups = summarize(rows, order=["baseline", "pcgrad"])
+    table = {r["variant"]: r for r in csv.DictReader(io.StringIO(to_csv(groups)))}
+    assert table["baseline"]["dev/sts_corr_published"] == "0.4960" and table["pcgrad"]["dev/sts_corr_published"] == ""
+    md = to_markdown(groups).splitlines()
+    assert "| Δ overall [95% CI] | published sst / para / sts / overall | wall s |" in md[0]
+    assert md[1].count("|") == md[0].count("|")
+    assert "| 0.505 / 0.822 / 0.496 / 0.692 |" in md[2] and "| - / - / - / - |" in md[3]
+    assert "published" not in to_markdown(summarize([row("a", 0.5)]))

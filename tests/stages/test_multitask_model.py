@@ -461,6 +461,10 @@ def test_build_model_maps_the_config_switches(tiny_model_dir):
     assert model.pooling == "mean" and model.encoder.config.hidden_dropout_prob == 0.2
     baseline = build_model(apply_overrides(PipelineConfig(), {"model.dir": str(tiny_model_dir)}), tiny_model_dir)
     assert baseline.pals_size == 0 and baseline.encoder.pals is None and isinstance(baseline.heads["sts"], torch.nn.Linear)
+    starter = build_model(apply_overrides(PipelineConfig(), {"model.dir": str(tiny_model_dir), "model.dropout": 0.3,
+                                                             "model.encoder_dropout": 0.1}), tiny_model_dir)
+    assert starter.dropout_p == 0.3 and starter.dropout.p == 0.3  # the heads' dropout, on the pooled vectors
+    assert starter.encoder.config.hidden_dropout_prob == 0.1 and starter.encoder.config.attention_probs_dropout_prob == 0.1
 
 
 def test_load_multitask_rejects_unknown_switches(tiny_model_dir, tmp_path):

@@ -126,6 +126,10 @@ def test_adversarial_passes_leave_batchnorm_statistics_alone(tiny_model_dir):
     before = {n: b.clone() for n, b in deep.named_buffers()}
     assert any("running_mean" in n for n in before)
     cfg = SmartConfig(enabled=True, noise_std=1e-3, step_size=1.0, epsilon=1e-1)
-    assert smart.smart_adversarial_loss(deep, "sst", batch, clean, cfg, rng_state).item() > 0
+    adversarial = smart.smart_adversarial_loss(deep, "sst", batch, clean, cfg, rng_state)
+    assert adversarial.item() > 0
     after = dict(deep.named_buffers())
     assert all(torch.equal(before[n], after[n]) for n in before)
+    # The training step's backward still runs: the clean pass's graph holds those statistics.
+    (deep.loss("sst", clean, batch["labels"]) + adversarial).backward()
+    assert deep.heads["sst"][0].weight.grad is not None
