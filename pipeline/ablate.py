@@ -75,7 +75,8 @@ def main(args) -> int:
     # The untrained row: data_prep (the baseline's, shared with it) + reference, once.
     source = next((r for r in runs if r.variant == comparison.BASELINE), runs[0])
     reference_cfg = with_reference(source.cfg)
-    reference = [p for p in dag.plan(reference_cfg, store, args.force) if p.stage.name in ("data_prep", REFERENCE_STAGE)]
+    reference = [p for p in dag.plan(reference_cfg, store, args.force)
+                 if p.stage.name in ("data_prep", REFERENCE_STAGE)]
     if not any(p.stage.name == REFERENCE_STAGE for p in reference):  # stages.reference.enabled: false
         reference = []
 
@@ -122,16 +123,18 @@ def main(args) -> int:
                                                          params=flatten(first.cfg))
         for run in runs:
             run.stage_runs = {p.stage.name: stage_runs[(p.stage.name, p.key)] for p in run.planned}
-        for p in reference:  # its data_prep is the baseline's, already opened; the reference is a row: under the parent
+        for p in reference:  # its data_prep is the baseline's, opened above; the reference, a row, under the parent
             if (p.stage.name, p.key) not in stage_runs:
                 stage_runs[(p.stage.name, p.key)] = mlflow_runs.start(
-                    p.stage.name, lifecycle.stage_tags(p, comparison.UNTRAINED), parent=parent, params=flatten(reference_cfg))
+                    p.stage.name, lifecycle.stage_tags(p, comparison.UNTRAINED), parent=parent,
+                    params=flatten(reference_cfg))
         reference_runs = {p.stage.name: stage_runs[(p.stage.name, p.key)] for p in reference}
 
         # A variant that fails comes back as its StageFailed; only the driver's own failure
         # (or Ctrl-C) raises, and then opened_runs ends every run still open.
-        plans = [(r.planned, dag.RunContext(r.cfg, store.location, uri, label=_run_name(r, args.seeds).replace(" seed ", "/")),
-                  r.stage_runs) for r in runs]
+        plans = [(r.planned, dag.RunContext(r.cfg, store.location, uri,
+                                            label=_run_name(r, args.seeds).replace(" seed ", "/")), r.stage_runs)
+                 for r in runs]
         if reference:
             plans.append((reference, dag.RunContext(reference_cfg, store.location, uri, label=comparison.UNTRAINED),
                           reference_runs))
@@ -156,7 +159,8 @@ def main(args) -> int:
             lifecycle.end_stage_runs(mlflow_runs, store, reference, reference_runs, results,
                                      outcomes[-1] if reference_failed else None)
             if reference_failed:
-                print(f"the {comparison.UNTRAINED} reference failed: {str(outcomes[-1]).splitlines()[0]}", file=sys.stderr)
+                print(f"the {comparison.UNTRAINED} reference failed: {str(outcomes[-1]).splitlines()[0]}",
+                      file=sys.stderr)
 
         seconds = time.time() - start
         _, groups = comparison.comparison(uri, parent)

@@ -62,7 +62,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     # ---- sts: the cosine of the two sentence vectors, no fitting
     sts_dev = split("sts-dev")
     if sts_dev is not None:
-        u, v = (embed(encoder, sts_dev, column, batch_size, device) for column in ("input_ids_1", "input_ids_2"))
+        u, v = embed_pairs(encoder, sts_dev, batch_size, device)
         metrics[METRIC_NAMES["sts"]] = cosine_pearson(u, v, sts_dev.labels)
         sentences += 2 * len(sts_dev)
     else:
@@ -84,13 +84,12 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     # ---- para: a 2-class probe on the pair features
     para_train, para_dev = split("para-train"), split("para-dev")
     if para_train is not None and para_dev is not None:
-        x_train = pair_features(*(embed(encoder, para_train, c, batch_size, device) for c in ("input_ids_1", "input_ids_2")))
-        x_dev = pair_features(*(embed(encoder, para_dev, c, batch_size, device) for c in ("input_ids_1", "input_ids_2")))
-        y_train = torch.from_numpy(para_train.labels.astype(np.int64))  # 0.0/1.0 -> class 0/1
-        probe = fit_probe(x_train, y_train, 2)
-        metrics[METRIC_NAMES["para"]] = accuracy(probe_predict(probe, x_dev), para_dev.labels.astype(np.int64))
-        metrics["reference/para_majority"] = majority_accuracy(para_train.labels.astype(np.int64),
-                                                              para_dev.labels.astype(np.int64))
+        x_train = pair_features(*embed_pairs(encoder, para_train, batch_size, device))
+        x_dev = pair_features(*embed_pairs(encoder, para_dev, batch_size, device))
+        y_train, y_dev = (s.labels.astype(np.int64) for s in (para_train, para_dev))  # 0.0/1.0 -> class 0/1
+        probe = fit_probe(x_train, torch.from_numpy(y_train), 2)
+        metrics[METRIC_NAMES["para"]] = accuracy(probe_predict(probe, x_dev), y_dev)
+        metrics["reference/para_majority"] = majority_accuracy(y_train, y_dev)
         sentences += 2 * (len(para_train) + len(para_dev))
     else:
         left_out.append("para (no para-train or para-dev)")
@@ -102,7 +101,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     seconds = time.perf_counter() - start
     shown = {"sts cos": METRIC_NAMES["sts"], "sst probe": METRIC_NAMES["sst"], "sst majority": "reference/sst_majority",
              "para probe": METRIC_NAMES["para"], "para majority": "reference/para_majority", "overall": "dev/overall"}
-    print(f"reference (untrained {Path(cfg.model.dir).name}): "
+    c = encoder.config
+    print(f"reference (the {c.num_hidden_layers}-layer, {c.hidden_size}-wide backbone untrained): "
           + ", ".join(f"{label} {metrics[key]:.4f}" for label, key in shown.items() if key in metrics)
           + f"; {sentences} sentences in {seconds:.1f} s" + (f"; left out: {', '.join(left_out)}" if left_out else ""))
     return {"metrics": metrics, "sentences": sentences}
@@ -122,6 +122,11 @@ def embed(encoder, split, column: str, batch_size: int, device) -> torch.Tensor:
             hidden = encoder(input_ids, attention_mask)
         vectors[torch.from_numpy(idx)] = pool(hidden.float(), attention_mask, "mean").cpu()
     return vectors
+
+
+def embed_pairs(encoder, split, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v): the vectors of each pair's first and second sentence."""
+    return tuple(embed(encoder, split, column, batch_size, device) for column in ("input_ids_1", "input_ids_2"))
 
 
 def cosine_pearson(u: torch.Tensor, v: torch.Tensor, gold) -> float:
