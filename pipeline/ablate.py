@@ -15,6 +15,11 @@ compute of its stages, less those every variant shares) and `variant/peak_rss_mb
 peak of those stages). A variant's stage runs nest under it; shared stages nest under the
 parent (tag shared_by). When all have finished, the comparison (pipeline/comparison.py: CSV, Markdown, bar and curve PNGs) is logged on
 the parent under comparison/ and printed.
+
+The table's `untrained` row is the stage `reference` (the backbone scored without finetuning,
+stages/reference.py), planned once for the data and backbone of the `baseline` variant (else
+the first one), from the cache like any stage, its run under the parent (tag stage=reference).
+It is on unless stages.reference.enabled is false (null is on here, off for `run`).
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from pathlib import Path
 
 from pipeline import comparison, dag, differences, lifecycle, published, tracking
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config
-from pipeline.constants import METRIC, is_remote
+from pipeline.constants import METRIC, REFERENCE_STAGE, is_remote
 from pipeline.grids import load_grid_with_published
-from pipeline.prepare import artifacts_location, prepared_config
+from pipeline.prepare import artifacts_location, prepared_config, with_reference
 from pipeline.store import ArtifactStore
 
 
@@ -66,7 +71,15 @@ def main(args) -> int:
         variant_cfg, _ = prepared_config(cfg, {**base, **overrides}, args.overrides, args.smoke, config_dir)
         for i in range(args.seeds):
             seeded = apply_overrides(variant_cfg, {"seed": variant_cfg.seed + i})
-            runs.append(VariantRun(name, seeded.seed, seeded, dag.plan(seeded, store, args.force)))
+            planned = [p for p in dag.plan(seeded, store, args.force) if p.stage.name != REFERENCE_STAGE]
+            runs.append(VariantRun(name, seeded.seed, seeded, planned))
+    # The untrained row: data_prep (the baseline's, shared with it) + reference, once.
+    source = next((r for r in runs if r.variant == comparison.BASELINE), runs[0])
+    reference_cfg = with_reference(source.cfg)
+    reference = [p for p in dag.plan(reference_cfg, store, args.force)
+                 if p.stage.name in ("data_prep", REFERENCE_STAGE)]
+    if not any(p.stage.name == REFERENCE_STAGE for p in reference):  # stages.reference.enabled: false
+        reference = []
 
     users = _stage_users(runs)
     shared_by_all = {k for k, who in users.items() if len(who) == len(runs)}
@@ -77,6 +90,10 @@ def main(args) -> int:
         cached = next(p.cached for p in runs[who[0]].planned if (p.stage.name, p.key) == (stage, key))
         owner = "shared by all" if len(who) == len(runs) else ", ".join(sorted({_run_name(runs[i], args.seeds) for i in who}))
         print(f"  {stage:<13} {'cached' if cached else 'to run':<7} key {key}  ({owner})")
+    for p in reference:
+        if p.stage.name == REFERENCE_STAGE:
+            print(f"  {p.stage.name:<13} {'cached' if p.cached else 'to run':<7} key {p.key}  "
+                  f"(the {comparison.UNTRAINED} row: {source.variant}'s data and backbone)")
 
     uri = lifecycle.tracking_uri_for(runs[0].cfg, config_dir)
     common = apply_overrides(cfg, args.overrides)
@@ -108,13 +125,22 @@ def main(args) -> int:
                                                          params=flatten(first.cfg))
         for run in runs:
             run.stage_runs = {p.stage.name: stage_runs[(p.stage.name, p.key)] for p in run.planned}
+        for p in reference:  # its data_prep is the baseline's, opened above; the reference, a row, under the parent
+            if (p.stage.name, p.key) not in stage_runs:
+                stage_runs[(p.stage.name, p.key)] = mlflow_runs.start(
+                    p.stage.name, lifecycle.stage_tags(p, comparison.UNTRAINED), parent=parent,
+                    params=flatten(reference_cfg))
+        reference_runs = {p.stage.name: stage_runs[(p.stage.name, p.key)] for p in reference}
 
         # A variant that fails comes back as its StageFailed; only the driver's own failure
         # (or Ctrl-C) raises, and then opened_runs ends every run still open.
-        outcomes = dag.execute_many(
-            [(r.planned, dag.RunContext(r.cfg, store.location, uri, label=_run_name(r, args.seeds).replace(" seed ", "/")),
-              r.stage_runs) for r in runs],
-            dag.ray_address(runs[0].cfg), runs[0].cfg.ray.num_cpus)
+        plans = [(r.planned, dag.RunContext(r.cfg, store.location, uri,
+                                            label=_run_name(r, args.seeds).replace(" seed ", "/")), r.stage_runs)
+                 for r in runs]
+        if reference:
+            plans.append((reference, dag.RunContext(reference_cfg, store.location, uri, label=comparison.UNTRAINED),
+                          reference_runs))
+        outcomes = dag.execute_many(plans, dag.ray_address(runs[0].cfg), runs[0].cfg.ray.num_cpus)
         dag.stop_ray()
 
         failed = []
@@ -129,6 +155,14 @@ def main(args) -> int:
                 continue
             _record_variant(uri, run, results, store, shared_by_all)
             mlflow_runs.end(run.run_id)
+        reference_failed = bool(reference) and isinstance(outcomes[-1], dag.StageFailed)
+        if reference:
+            results = outcomes[-1].results if reference_failed else outcomes[-1]
+            lifecycle.end_stage_runs(mlflow_runs, store, reference, reference_runs, results,
+                                     outcomes[-1] if reference_failed else None)
+            if reference_failed:
+                print(f"the {comparison.UNTRAINED} reference failed: {str(outcomes[-1]).splitlines()[0]}",
+                      file=sys.stderr)
 
         seconds = time.time() - start
         parent_tags, groups = comparison.comparison(uri, parent)
@@ -138,8 +172,11 @@ def main(args) -> int:
         for path in comparison.write_comparison(groups, out_dir, title):
             tracking.log_artifact(uri, parent, path, "comparison")
         base_group = next((g for g in groups if g.label == comparison.BASELINE), None)
-        best = max((g for g in groups if METRIC in g.mean), key=lambda g: g.mean[METRIC], default=None)
+        best = max((g for g in groups if METRIC in g.mean and g.label != comparison.UNTRAINED),
+                   key=lambda g: g.mean[METRIC], default=None)
         tags = {"failed_variants": ",".join(failed)} if failed else {}
+        if reference_failed:
+            tags["reference_failed"] = "true"
         if best is not None:
             tags["best_variant"] = best.label
         tracking.set_tags(uri, parent, tags)
@@ -147,10 +184,11 @@ def main(args) -> int:
                                            **({"best/dev_overall": best.mean[METRIC]} if best else {}),
                                            **({"baseline/dev_overall": base_group.mean[METRIC]}
                                               if base_group and METRIC in base_group.mean else {})})
-        mlflow_runs.end(parent, "FAILED" if failed else "FINISHED")
+        mlflow_runs.end(parent, "FAILED" if failed or reference_failed else "FINISHED")
 
     print(f"\nablation {name} finished in {seconds:.1f} s"
-          + (f"; {len(failed)} variant run(s) FAILED: {', '.join(failed)}" if failed else ""))
+          + (f"; {len(failed)} variant run(s) FAILED: {', '.join(failed)}" if failed else "")
+          + (f"; the {comparison.UNTRAINED} reference FAILED" if reference_failed else ""))
     print()
     print(comparison.to_markdown(groups))
     if note:
@@ -158,7 +196,7 @@ def main(args) -> int:
     print(f"comparison:    {out_dir} (also on the parent run's artifacts, comparison/)")
     print(f"MLflow:        parent run {parent} in experiment '{runs[0].cfg.tracking.experiment}' at {uri}")
     print(f"               python -m pipeline report {parent}" + (f" {args.config}" if args.config != "pipeline.yaml" else ""))
-    return 1 if failed else 0
+    return 1 if failed or reference_failed else 0
 
 
 # ---------------------------------------------------------------- helpers

@@ -9,6 +9,9 @@ wall time and peak memory, and for a report grid the report's published numbers 
 variant runs' `published/*` tags, pipeline/published.py). `ablate` writes the table (CSV,
 Markdown) and two plots (bars with error bars, per-epoch dev curves) and logs them on the parent
 run; the `report` verb prints it for any finished ablation or search.
+
+One more row, `untrained`, is the child run tagged `stage=reference`: the backbone scored
+without finetuning (stages/reference.py); its delta against the baseline is what training added.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import published, tracking
 from pipeline.bootstrap import RESAMPLES, excludes_zero
-from pipeline.constants import DEV_METRICS, METRIC
+from pipeline.constants import DEV_METRICS, METRIC, REFERENCE_STAGE
 
 METRICS = DEV_METRICS
 SHORT = {name: name.removeprefix("dev/") for name in DEV_METRICS}
 BASELINE = "baseline"
-ROW_STAGES = ("variant", "trial")  # the child runs that are rows; the rest (shared stages) are not
+UNTRAINED = "untrained"  # the row of the reference stage's run
+ROW_STAGES = ("variant", "trial", REFERENCE_STAGE)  # the child runs that are rows; the rest (shared stages) are not
 
 
 @dataclass
@@ -122,6 +126,8 @@ def read_rows(uri: str, parent_id: str) -> tuple[dict, list[RunRow]]:
         if tags.get("stage") not in ROW_STAGES:
             continue
         label = tags["ablation"] if tags.get("stage") == "variant" else run.info.run_name
+        if tags.get("stage") == REFERENCE_STAGE:
+            label = UNTRAINED
         duration = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
         curves = {}
         for m in METRICS:
@@ -135,7 +141,9 @@ def read_rows(uri: str, parent_id: str) -> tuple[dict, list[RunRow]]:
                 curves[m] = per_epoch
         rows.append(RunRow(label, run.info.run_id, run.info.status, tags.get("seed", run.data.params.get("seed", "")),
                            {m: metrics[m] for m in METRICS if m in metrics},
-                           metrics.get("variant/seconds", duration), metrics.get("variant/peak_rss_mb"), curves,
+                           # a stage run (the reference) was opened long before its stage ran: its own seconds
+                           metrics.get("variant/seconds", metrics.get("stage/seconds", duration)),
+                           metrics.get("variant/peak_rss_mb", metrics.get("stage/peak_rss_mb")), curves,
                            published.from_tags(tags)))
     return parent.data.tags, rows
 

@@ -222,11 +222,25 @@ class StageConfig:
 
 
 @dataclass
+class ReferenceStageConfig:
+    # The untrained reference (stages/reference.py): the backbone scored without finetuning,
+    # the `untrained` row of a comparison. null: computed where there is a comparison (ablate,
+    # tune: once, from the cache) and not by `run`, where it would only add its minutes (all
+    # four numbers on MiniLM and the full data: see pipeline.yaml); true: by `run` too; false:
+    # never, and the tables have no `untrained` row.
+    enabled: bool | None = None
+    num_cpus: float = 1
+    num_gpus: float = 0
+    max_retries: int = 0
+
+
+@dataclass
 class StagesConfig:
     data_prep: StageConfig = field(default_factory=StageConfig)
     mlm_pretrain: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     finetune: StageConfig = field(default_factory=StageConfig)
     evaluate: StageConfig = field(default_factory=StageConfig)
+    reference: ReferenceStageConfig = field(default_factory=ReferenceStageConfig)
 
 
 @dataclass

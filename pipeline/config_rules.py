@@ -38,13 +38,14 @@ def validate(cfg, where: str = "config") -> None:
     for task in TASKS:
         if getattr(cfg.loss.weights, task) < 0:
             raise ConfigError(f"{where}: loss.weights.{task} must be >= 0")
-    for name in ("data_prep", "mlm_pretrain", "finetune", "evaluate"):
+    for name in ("data_prep", "mlm_pretrain", "finetune", "evaluate", "reference"):
         stage = getattr(cfg.stages, name)
         if stage.num_cpus < 0 or stage.num_gpus < 0 or stage.max_retries < 0:
             raise ConfigError(f"{where}: stages.{name}: num_cpus, num_gpus, max_retries must be >= 0")
     _check_technique_combinations(cfg, where)
     # A stage that needs a disabled stage cannot run. (mlm_pretrain is optional for finetune.)
-    needs = {"mlm_pretrain": ["data_prep"], "finetune": ["data_prep"], "evaluate": ["data_prep", "finetune"]}
+    needs = {"mlm_pretrain": ["data_prep"], "finetune": ["data_prep"], "evaluate": ["data_prep", "finetune"],
+             "reference": ["data_prep"]}
     for stage, required in needs.items():
         if getattr(cfg.stages, stage).enabled:
             for dep in required:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import ConfigError, PipelineConfig, get
-from pipeline.constants import ERROR_TAG, REPO, error_text
+from pipeline.constants import ERROR_TAG, REFERENCE_STAGE, REPO, error_text
 from pipeline.store import ArtifactStore
 
 
@@ -50,6 +50,10 @@ STAGES = (
           config_keys=("seed", "device", "model", "train", "loss")),
     Stage("evaluate", "stages.evaluate", needs=("data_prep", "finetune"),
           config_keys=("device", "train.eval_batch_size")),
+    # The untrained backbone's scores (a comparison's `untrained` row): data and backbone only,
+    # so every variant and seed of an ablation shares one key. Not random: no seed in its key.
+    Stage(REFERENCE_STAGE, "stages.reference", needs=("data_prep",),
+          config_keys=("device", "model.dir", "train.eval_batch_size")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 # Config a stage reads that cannot change its output: not part of the cache key.
@@ -85,7 +89,7 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, force: list[str] = ()) -> li
     keys: dict[str, str] = {}
     planned, rerun, forced_names = [], set(), set()
     for stage in STAGES:
-        if not getattr(cfg.stages, stage.name).enabled:
+        if not getattr(cfg.stages, stage.name).enabled:  # stages.reference's null too (prepare.with_reference)
             continue
         inputs = stage.needs + tuple(n for n in stage.optional_needs if n in keys)
         key_material = {

@@ -55,6 +55,15 @@ def prepared_config(cfg: PipelineConfig, variant: dict, overrides: list[str], sm
     return resolve_paths(cfg, config_dir), store_location
 
 
+def with_reference(cfg: PipelineConfig) -> PipelineConfig:
+    """The config ablate and tune plan their untrained reference with: stages.reference.enabled
+    null (the default) is on there, where a comparison has a row for it, as long as data_prep
+    runs; `run` plans null as off. An explicit true or false is kept."""
+    if cfg.stages.reference.enabled is not None:
+        return cfg
+    return apply_overrides(cfg, {"stages.reference.enabled": cfg.stages.data_prep.enabled})
+
+
 def artifacts_location(cfg: PipelineConfig, config_dir: Path) -> str:
     """The artifact store: a pyarrow.fs URI as given, or a folder relative to the config."""
     return cfg.artifacts if is_remote(cfg.artifacts) else str(resolve_path(config_dir, cfg.artifacts))

@@ -12,7 +12,7 @@ import time
 
 from pipeline import dag, lifecycle, tracking
 from pipeline.config import dump_yaml, flatten
-from pipeline.constants import DEV_METRICS
+from pipeline.constants import DEV_METRICS, REFERENCE_STAGE
 from pipeline.prepare import prepare
 from pipeline.store import ArtifactStore
 
@@ -66,6 +66,10 @@ def _print_summary(planned, results, store, uri, parent, cfg, seconds) -> None:
         for name in DEV_METRICS:
             if name in metrics:
                 print(f"  {name:<14} {metrics[name]:.4f}")
+    untrained = results.get(REFERENCE_STAGE, {}).get("metrics", {})
+    if untrained:  # stages.reference.enabled: true
+        print("untrained:     " + ", ".join(f"{n} {untrained[n]:.4f}" for n in DEV_METRICS if n in untrained)
+              + " (the backbone without finetuning)")
     evaluate = next((p for p in planned if p.stage.name == "evaluate"), None)
     if evaluate:
         out = store.path("evaluate", evaluate.key)

@@ -2,7 +2,8 @@
 
     python -m pipeline tune [CONFIG] --space search_spaces/NAME.yaml [--trials N] [--smoke] [--resume]
 
-data_prep (and mlm_pretrain when enabled) run once through the DAG cache; then a Ray Tune
+data_prep (and mlm_pretrain when enabled, and the reference: the untrained backbone's scores,
+the `untrained` row `report` shows with the trials) run once through the DAG cache; then a Ray Tune
 experiment (pipeline/tuning.py) samples the search space (pipeline/search_space.py) with
 Optuna's TPE, stops weak trials early with ASHA and runs each trial's finetune + evaluate on
 those artifacts. The search is one MLflow parent run (stage=tune) with the shared stages' runs
@@ -27,7 +28,7 @@ from pathlib import Path
 from pipeline import dag, lifecycle, registry, tracking
 from pipeline.config import ConfigError, apply_overrides, dump_yaml, flatten, load_config
 from pipeline.constants import METRIC
-from pipeline.prepare import prepare
+from pipeline.prepare import prepare, with_reference
 from pipeline.search_space import load_space
 from pipeline.store import ArtifactStore
 from pipeline.tuning import (PRE_STAGES, TrialContext, best_record, close_trial, fmt, run_search, short,
@@ -61,7 +62,8 @@ def main(args) -> int:
     # A resumed search keeps logging where it started, unless MLFLOW_TRACKING_URI says otherwise.
     kept = state.get("tracking_uri") if args.resume and not os.environ.get("MLFLOW_TRACKING_URI") else None
     uri = lifecycle.tracking_uri_for(cfg, config_path.parent, kept)
-    planned = [p for p in dag.plan(cfg, store) if p.stage.name in PRE_STAGES]
+    # stages.reference null is on here: the search's table (`report`) gets its `untrained` row
+    planned = [p for p in dag.plan(with_reference(cfg), store) if p.stage.name in PRE_STAGES]
     params = flatten(cfg)
 
     with lifecycle.opened_runs(uri, cfg.tracking.experiment) as runs:

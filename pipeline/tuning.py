@@ -24,10 +24,12 @@ from ray.tune import Callback
 
 from pipeline import lifecycle, tracking
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, flatten, get
-from pipeline.constants import ERROR_TAG, METRIC, error_text
+from pipeline.constants import ERROR_TAG, METRIC, REFERENCE_STAGE, error_text
 from pipeline.search_space import SearchSpace
 
-PRE_STAGES = ("data_prep", "mlm_pretrain")  # run once through the cache; every trial reads their outputs
+# Run once through the cache before the trials: every trial reads data_prep's and mlm_pretrain's
+# outputs; the reference (the untrained backbone's scores) is the search table's `untrained` row.
+PRE_STAGES = ("data_prep", "mlm_pretrain", REFERENCE_STAGE)
 
 
 @dataclass

@@ -131,9 +131,9 @@ def test_comparison_artifacts_on_the_parent(runs, tmp_path):
                      "comparison/dev_curves.png"]
     local = Path(client.download_artifacts(parent.info.run_id, "comparison", str(tmp_path)))
     table = {r["variant"]: r for r in csv.DictReader(io.StringIO((local / "comparison.csv").read_text()))}
-    assert set(table) == {"baseline", "concat_pairs"}
+    assert list(table) == ["baseline", "concat_pairs", "untrained"]
     assert table["baseline"]["finished"] == str(SEEDS)
-    for variant, line in table.items():
+    for variant, line in list(table.items())[:2]:
         seeds = [r for r in all_runs if r.data.tags.get("stage") == "variant" and r.data.tags["ablation"] == variant]
         mean = sum(r.data.metrics["dev/overall"] for r in seeds) / SEEDS
         assert float(line["dev/overall_mean"]) == pytest.approx(mean, abs=1e-6)
@@ -149,14 +149,39 @@ def test_comparison_artifacts_on_the_parent(runs, tmp_path):
     assert (local / "comparison_bars.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_untrained_row_is_the_reference_stage_computed_once(workdir, runs, tmp_path):
+    """One reference stage for the 2 variants x 2 seeds, under the parent; the comparison's
+    `untrained` row carries exactly the scores the stage computed (its result in the store)."""
+    client, parent, all_runs = runs
+    references = [r for r in all_runs if r.data.tags.get("stage") == "reference"]
+    assert len(references) == 1
+    ref = references[0]
+    assert ref.data.tags["mlflow.parentRunId"] == parent.info.run_id and ref.info.status == "FINISHED"
+    computed = json.loads((workdir / "artifacts" / "reference" / ref.data.tags["cache_key"] / "result.json")
+                          .read_text())
+    assert computed["metrics"]["dev/sts_corr"] == pytest.approx(ref.data.metrics["dev/sts_corr"], abs=1e-9)
+    assert 0 <= ref.data.metrics["reference/sst_majority"] <= 1
+    local = Path(client.download_artifacts(parent.info.run_id, "comparison", str(tmp_path)))
+    table = {r["variant"]: r for r in csv.DictReader(io.StringIO((local / "comparison.csv").read_text()))}
+    row = table["untrained"]
+    assert (row["runs"], row["finished"], row["run_ids"]) == ("1", "1", ref.info.run_id)
+    assert float(row["dev/sts_corr_mean"]) == pytest.approx(computed["metrics"]["dev/sts_corr"], abs=1e-6)
+    assert float(row["dev/overall_delta"]) == pytest.approx(
+        computed["metrics"]["dev/overall"] - float(table["baseline"]["dev/overall_mean"]), abs=1e-5)
+    assert parent.data.tags["best_variant"] != "untrained"
+
+
 def test_report_prints_the_table(workdir, runs):
-    _, parent, _ = runs
+    _, parent, all_runs = runs
     proc = run_pipeline(workdir, "report", parent.info.run_id, "exp.yaml")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| variant | runs |")
     assert lines[1].startswith("| baseline | 2/2 |") and lines[2].startswith("| concat_pairs | 2/2 |")
     assert " [" in lines[2].split("|")[7] and "excludes 0" in proc.stdout  # the Δ overall's 95% interval
+    sts = next(r for r in all_runs if r.data.tags.get("stage") == "reference").data.metrics["dev/sts_corr"]
+    cells = [c.strip() for c in lines[3].strip("| ").split("|")]
+    assert cells[:2] == ["untrained", "1/1"] and cells[4] == f"{sts:.4f}"  # variant, runs, sst, para, sts
     missing = run_pipeline(workdir, "report", "0" * 32, "exp.yaml")
     assert missing.returncode == 2 and "no run" in missing.stderr
 
@@ -165,7 +190,7 @@ def test_rerun_is_cached_and_skips_ray(workdir, runs):
     proc = run_pipeline(workdir, "ablate", "exp.yaml", "--grid", "grid.yaml", "--smoke", "--only", "baseline")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "all stages cached; Ray not started" in proc.stdout
-    assert "| baseline | 1/1 |" in proc.stdout
+    assert "| baseline | 1/1 |" in proc.stdout and "| untrained | 1/1 |" in proc.stdout
 
 
 def test_mlflow_ui_compare_page_shows_the_variant_runs(mlflow_server, runs, tmp_path):

@@ -1,9 +1,12 @@
 """Planning: cache keys change exactly when a stage's inputs change; --force cascades."""
 
+import shutil
+
 import pytest
 
 from pipeline import dag
 from pipeline.config import PipelineConfig, apply_overrides
+from pipeline.prepare import with_reference
 from pipeline.store import ArtifactStore
 
 
@@ -104,6 +107,25 @@ def test_only_force_marks_stages_forced(cfg, tmp_path):
     assert [p.forced for p in dag.plan(cfg, store)] == [False, False, False]
     finish(store, dag.plan(cfg, store))
     assert [p.forced for p in dag.plan(cfg, store, ["finetune"])] == [False, True, True]
+
+
+def test_the_reference_is_planned_by_ablate_and_tune_once_per_data_and_backbone(cfg, tmp_path, tiny_model_dir):
+    """stages.reference null: off in a plain plan, on after prepare.with_reference (ablate, tune);
+    its key reads data and backbone, not the seed or the training config."""
+    store = ArtifactStore(str(tmp_path / "a"))
+    assert "reference" not in [p.stage.name for p in dag.plan(cfg, store)]
+    assert not with_reference(apply_overrides(cfg, {"stages.reference.enabled": False})).stages.reference.enabled
+
+    def reference(overrides):
+        planned = dag.plan(with_reference(apply_overrides(cfg, overrides)), store)
+        return next(p for p in planned if p.stage.name == "reference")
+
+    base = reference({})
+    assert base.inputs == ("data_prep",)
+    assert reference({"seed": 7, "train.lr": 1e-3, "model.pooling": "mean"}).key == base.key
+    assert reference({"model.dir": str(shutil.copytree(tiny_model_dir, tmp_path / "other-bert"))}).key != base.key
+    assert reference({"train.eval_batch_size": 8}).key != base.key
+    assert reference({"data.max_length": 16}).key != base.key  # through data_prep's key
 
 
 def test_peak_memory_counts_from_the_stage_start_not_the_worker_start():

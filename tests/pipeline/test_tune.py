@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+from pipeline.comparison import comparison
 from pipeline.config import PipelineConfig, flatten, load_config
-from tests.conftest import REPO, mlflow_runs, pipeline_env, run_pipeline, write_experiment
+from tests.conftest import REPO, local_store, mlflow_runs, pipeline_env, run_pipeline, write_experiment
 
 SPACE = REPO / "search_spaces" / "loss_and_sampling.yaml"
 ASKED = ("loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alpha_start", "train.alpha_end",
@@ -46,7 +47,13 @@ def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
     assert len(trials) == 2
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     assert [r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-            and r.data.tags["stage"] != "trial"] == ["data_prep"]  # prepared once, for every trial
+            and r.data.tags["stage"] != "trial"] == ["data_prep", "reference"]  # once, for every trial
+    # report's table (read back from MLflow as `report` does): the trials and the untrained row
+    reference = next(r for r in runs if r.data.tags.get("stage") == "reference")
+    _, groups = comparison(local_store(workdir), parent.info.run_id)
+    untrained = next(g for g in groups if g.label == "untrained")
+    assert len(groups) == 3 and [r.run_id for r in untrained.runs] == [reference.info.run_id]
+    assert untrained.mean["dev/sts_corr"] == reference.data.metrics["dev/sts_corr"]
     data_prep = next(r for r in runs if r.data.tags.get("stage") == "data_prep")
     assert data_prep.data.metrics["stage/seconds"] > 0  # recorded like any verb's stage run
     assert data_prep.data.tags["driver_pid"] == parent.data.tags["driver_pid"]
