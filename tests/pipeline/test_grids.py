@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config import ConfigError, PipelineConfig, apply_overrides
+from pipeline.config import ConfigError, PipelineConfig, apply_overrides, flatten, load_config
 from pipeline.grids import load_grid, load_grid_with_published, variant_overrides
 from tests.conftest import REPO
 
@@ -97,3 +97,24 @@ def test_the_mlm_and_pals_grids_change_one_thing_per_variant():
     base, variants = load_grid(ABLATIONS / "pals.yaml")
     wide = apply_overrides(PipelineConfig(), {**base, **variants["pals_wide"]}).model.pals
     assert wide.size > PipelineConfig().model.pals.size
+
+
+def test_every_shipped_grid_is_valid_on_the_shipped_config():
+    shipped = load_config(REPO / "pipeline.yaml")
+    for path in sorted((REPO / "search_spaces" / "ablations").rglob("*.yaml")):
+        load_grid(path, shipped)  # raises naming the file, line and variant
+
+
+@pytest.mark.parametrize("name", [f"reports/{p.name}" for p in
+                                  sorted((REPO / "search_spaces" / "ablations" / "reports").glob("*.yaml"))])
+def test_a_self_contained_grid_does_not_inherit_the_shipped_recipe(name):
+    # A report's recipe must be the report's, whatever pipeline.yaml's own recipe is: every variant
+    # resolves to the same model/train/loss/mlm settings on the shipped file and on bare defaults.
+    shipped, plain = load_config(REPO / "pipeline.yaml"), PipelineConfig()
+    base, variants = load_grid(REPO / "search_spaces" / "ablations" / name, shipped)
+    for variant, overrides in variants.items():
+        on_shipped = flatten(apply_overrides(shipped, {**base, **overrides}))
+        on_plain = flatten(apply_overrides(plain, {**base, **overrides}))
+        leaked = {k for k in on_shipped if k.split(".")[0] in ("model", "train", "loss", "mlm")
+                  and on_shipped[k] != on_plain[k]}
+        assert not leaked, f"{name}: {variant} takes {sorted(leaked)} from pipeline.yaml"
