@@ -292,8 +292,8 @@ def comparison(uri: str, parent_id: str) -> tuple[dict, list[Group]]:
     tags, rows = read_rows(uri, parent_id)
     order = tags["ablation_variants"].split(",") if tags.get("ablation_variants") else None
     groups = summarize(rows, order)
-    if tags.get("stage") != "ablation":  # a search: best trial first; an ablation keeps its grid's order
-        groups.sort(key=lambda g: -g.mean.get(METRIC, -math.inf))
+    if tags.get("stage") != "ablation":  # a search: best trial first (untrained last); an ablation keeps its grid's order
+        groups.sort(key=lambda g: (g.label == UNTRAINED, -g.mean.get(METRIC, -math.inf)))
         # A search has no baseline: each trial's delta is against the best (is the winner really better?).
         groups = summarize(rows, [g.label for g in groups], reference_label(tags, groups)) if groups else groups
     return tags, groups

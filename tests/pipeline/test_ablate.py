@@ -248,7 +248,7 @@ def test_a_report_grid_runs_with_the_published_numbers_beside_ours(reports_workd
     _, variants, numbers = load_grid_with_published(grid)
     out_dir = Path(re.search(r"^comparison: +(\S+)", proc.stdout, re.M).group(1))
     md = (out_dir / "comparison.md").read_text().splitlines()
-    assert "| Δ overall | published sst / para / sts / overall |" in md[2]
+    assert "| Δ overall [95% CI] | published sst / para / sts / overall |" in md[2]
     lines = {line.split(" | ")[0].removeprefix("| "): line for line in md[4:] if line.startswith("| ")}
     assert list(lines) == list(variants)
     table = {r["variant"]: r for r in csv.DictReader(io.StringIO((out_dir / "comparison.csv").read_text()))}
