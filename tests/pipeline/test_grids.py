@@ -106,15 +106,42 @@ def test_every_shipped_grid_is_valid_on_the_shipped_config():
 
 
 @pytest.mark.parametrize("name", [f"reports/{p.name}" for p in
-                                  sorted((REPO / "search_spaces" / "ablations" / "reports").glob("*.yaml"))])
+                                  sorted((REPO / "search_spaces" / "ablations" / "reports").glob("*.yaml"))]
+                         + ["best_recipes.yaml"])
 def test_a_self_contained_grid_does_not_inherit_the_shipped_recipe(name):
     # A report's recipe must be the report's, whatever pipeline.yaml's own recipe is: every variant
     # resolves to the same model/train/loss/mlm settings on the shipped file and on bare defaults.
     shipped, plain = load_config(REPO / "pipeline.yaml"), PipelineConfig()
     base, variants = load_grid(REPO / "search_spaces" / "ablations" / name, shipped)
     for variant, overrides in variants.items():
+        if name == "best_recipes.yaml" and variant == "baseline":
+            continue  # the shipped recipe itself
         on_shipped = flatten(apply_overrides(shipped, {**base, **overrides}))
         on_plain = flatten(apply_overrides(plain, {**base, **overrides}))
         leaked = {k for k in on_shipped if k.split(".")[0] in ("model", "train", "loss", "mlm")
                   and on_shipped[k] != on_plain[k]}
         assert not leaked, f"{name}: {variant} takes {sorted(leaked)} from pipeline.yaml"
+
+
+BEST_ROWS = {  # best_recipes.yaml's variant -> the report grid row it copies
+    "A_separate_encoders": ("a_separate_encoders", "more_epochs_lr_batch"),
+    "B_pals_all_three": ("b_pals", "pals_all_three"),
+    "C_E_concat_3layer_hybrid": ("c_heads", "E_finetuned"),
+    "D_annealed_concat_tanh": ("d_sampling_heads", "annealed_concat"),
+    "E_mlm_pretraining": ("e_summed_mlm", "mlm_pretraining"),
+}
+
+
+def test_best_recipes_are_their_report_rows_exactly_with_their_published_numbers():
+    shipped = load_config(REPO / "pipeline.yaml")
+    ablations = REPO / "search_spaces" / "ablations"
+    base, variants, published = load_grid_with_published(ablations / "best_recipes.yaml", shipped)
+    assert set(variants) == {"baseline", *BEST_ROWS}
+    assert flatten(apply_overrides(shipped, {**base, **variants["baseline"]})) == flatten(shipped)
+    for variant, (grid, row) in BEST_ROWS.items():
+        row_base, row_variants, row_published = load_grid_with_published(ablations / "reports" / f"{grid}.yaml", shipped)
+        ours = flatten(apply_overrides(shipped, {**base, **variants[variant]}))
+        theirs = flatten(apply_overrides(shipped, {**row_base, **row_variants[row]}))
+        differ = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+        assert not differ, f"best_recipes.yaml:{variant} differs from reports/{grid}.yaml:{row}: {differ}"
+        assert published[variant] == row_published[row], variant
