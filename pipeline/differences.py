@@ -50,6 +50,8 @@ def _add_intervals(uri: str, parent_id: str, groups: list[comparison.Group], ref
     parent_children = _children(client, parent)
     located, missing = {}, []
     for g in groups:
+        if g.label == comparison.UNTRAINED:
+            continue  # the reference stage scores probes and writes no dev predictions: no interval
         for row in g.runs:
             if row.status != "FINISHED":
                 continue

@@ -179,6 +179,7 @@ def test_report_prints_the_table(workdir, runs):
     assert lines[0].startswith("| variant | runs |")
     assert lines[1].startswith("| baseline | 2/2 |") and lines[2].startswith("| concat_pairs | 2/2 |")
     assert " [" in lines[2].split("|")[7] and "excludes 0" in proc.stdout  # the Δ overall's 95% interval
+    assert "no intervals" not in proc.stdout  # every trained row has its predictions; untrained has none to find
     sts = next(r for r in all_runs if r.data.tags.get("stage") == "reference").data.metrics["dev/sts_corr"]
     cells = [c.strip() for c in lines[3].strip("| ").split("|")]
     assert cells[:2] == ["untrained", "1/1"] and cells[4] == f"{sts:.4f}"  # variant, runs, sst, para, sts
