@@ -23,6 +23,14 @@ Quora carve: only quora-dev.csv is distributed, so with `data.quora_train: null`
 int(sha1(id).hexdigest()[:8], 16) / 16**8 < data.quora_dev_fraction, else to para-train.
 With `data.quora_train` set, it is para-train and `data.quora_dev` is para-dev.
 
+The user's own files (pipeline.config.DatasetFile, paths already absolute): each
+`data.extra_eval` entry is read as its task's file and written as eval-<name>.arrow, listed in
+the manifest's `extra_eval`; a `data.train_files.<task>` entry replaces that task's train file
+(para: and ends the carve). Their layout: `columns` maps our fields (id, sentence or sentence1
+and sentence2, label) to the file's header names (null: the CS224N names), `scale` [lo, hi]
+maps an sts score x onto 0..5 as (x - lo) / (hi - lo) * 5 (outside [lo, hi]: a bad row), and
+`delimiter` comma reads each line as one CSV record. The same checks apply, by the same rules.
+
 `data.max_rows` keeps the first N valid rows of each split (after the carve). Each sentence is
 tokenized on its own as [CLS] ... [SEP], truncated to `data.max_length` tokens; "truncated"
 counts the sentences that were cut. Output: out/{task}-{split}.arrow (see
