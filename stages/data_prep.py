@@ -77,7 +77,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
         if own is not None:
             path = Path(own.file)
             rows, bad = read_file(path, task, is_test=False, drop=drop, config_key=f"data.train_files.{task}",
-                                  **layout(own))
+                                  **_layout(own))
         elif getattr(cfg.data, key) is not None:
             path = _resolve(data_dir, getattr(cfg.data, key))
             rows, bad = read_file(path, task, is_test=(split == "test"), drop=drop, config_key=f"data.{key}")
@@ -99,7 +99,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
     for i, spec in enumerate(cfg.data.extra_eval):
         path = Path(spec.file)
         rows, bad = read_file(path, spec.task, is_test=False, drop=drop, config_key=f"data.extra_eval[{i}]",
-                              **layout(spec))
+                              **_layout(spec))
         extra[spec.name] = {"source": path, "rows": rows, "bad": bad, "task": spec.task, "scale": spec.scale}
 
     metrics: dict[str, float] = {}
@@ -141,7 +141,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
     return {"metrics": metrics, "manifest": str(manifest_path)}
 
 
-def layout(spec) -> dict:
+def _layout(spec) -> dict:
     """read_file's layout arguments from a DatasetFile (data.extra_eval, data.train_files)."""
     columns = None if spec.columns is None else {f: v for f, v in vars(spec.columns).items() if v is not None}
     return {"columns": columns, "scale": tuple(spec.scale) if spec.scale else None, "delimiter": spec.delimiter}
@@ -152,7 +152,7 @@ def _write_split(path: Path, tokenizer, task: str, rows: list, with_labels: bool
     # Tokenize column by column in one batch call each; a sentence with overflow was cut.
     columns = {}
     truncated = 0
-    for i, _ in enumerate(SENTENCE_COLUMNS[task]):
+    for i in range(len(SENTENCE_COLUMNS[task])):
         encodings = tokenizer.encode_batch([r[2][i] for r in rows])
         truncated += sum(1 for e in encodings if e.overflowing)
         columns["input_ids" if task == "sst" else f"input_ids_{i + 1}"] = _list_array(encodings)
