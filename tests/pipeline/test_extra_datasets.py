@@ -74,6 +74,8 @@ def test_the_extra_sets_metrics_are_in_mlflow(workdir):
     evaluate = stages["evaluate"].data.metrics
     assert -1 <= evaluate["eval/sick/pearson"] <= 1 and -1 <= evaluate["eval/sick/spearman"] <= 1
     assert parent.data.metrics["eval/sick/pearson"] == evaluate["eval/sick/pearson"]
+    # The set is sts-dev's first rows in another layout and scale: scored as sts-dev is.
+    assert evaluate["eval/sick/pearson"] == pytest.approx(evaluate["dev/sts_corr"], abs=1e-3)
     assert stages["data_prep"].data.metrics["data/eval_sick_rows"] == 64
     assert f"eval/sick/pearson {evaluate['eval/sick/pearson']:.4f}" in proc.stdout
     (predictions,) = (work / "artifacts" / "evaluate").glob("*/extra_eval/sick-output.csv")
