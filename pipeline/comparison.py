@@ -10,6 +10,9 @@ variant runs' `published/*` tags, pipeline/published.py). `ablate` writes the ta
 Markdown) and two plots (bars with error bars, per-epoch dev curves) and logs them on the parent
 run; the `report` verb prints it for any finished ablation or search.
 
+Extra evaluation sets (data.extra_eval) add columns: every `eval/<name>/<metric>` a row's run
+has (mean, std and delta like the dev metrics; no interval), after the dev ones.
+
 One more row, `untrained`, is the child run tagged `stage=reference`: the backbone scored
 without finetuning (stages/reference.py); its delta against the baseline is what training added.
 """
@@ -29,6 +32,7 @@ from pipeline.bootstrap import RESAMPLES, excludes_zero
 from pipeline.constants import DEV_METRICS, METRIC, REFERENCE_STAGE
 
 METRICS = DEV_METRICS
+EXTRA = "eval/"  # an extra evaluation set's metrics: eval/<name>/<metric>
 SHORT = {name: name.removeprefix("dev/") for name in DEV_METRICS}
 BASELINE = "baseline"
 UNTRAINED = "untrained"  # the row of the reference stage's run
@@ -42,7 +46,7 @@ class RunRow:
     run_id: str
     status: str
     seed: str
-    metrics: dict[str, float]  # the latest value of each dev/* metric
+    metrics: dict[str, float]  # the latest value of each dev/* and eval/* metric
     seconds: float | None  # the variant's own compute (stage seconds), else the run's duration
     peak_rss_mb: float | None
     curves: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {epoch: value}
@@ -71,8 +75,14 @@ class Group:
 # ---------------------------------------------------------------- the numbers
 
 
+def extra_metrics(rows) -> list[str]:
+    """The eval/<name>/<metric> names any row has (rows: RunRows or Groups), sorted."""
+    return sorted({m for r in rows for m in (r.metrics if isinstance(r, RunRow) else r.mean) if m.startswith(EXTRA)})
+
+
 def summarize(rows: list[RunRow], order: list[str] | None = None, baseline: str = BASELINE) -> list[Group]:
     """Group the rows by label (in `order`, then first seen) with mean, std and delta vs baseline."""
+    metrics = [*METRICS, *extra_metrics(rows)]
     labels = list(dict.fromkeys([*(order or []), *(r.label for r in rows)]))
     groups = []
     for label in labels:
@@ -81,7 +91,7 @@ def summarize(rows: list[RunRow], order: list[str] | None = None, baseline: str 
             continue
         done = [r for r in runs if r.status == "FINISHED"]
         mean, std = {}, {}
-        for m in METRICS:
+        for m in metrics:
             values = [r.metrics[m] for r in done if m in r.metrics]
             if values:
                 mean[m] = sum(values) / len(values)
@@ -94,7 +104,7 @@ def summarize(rows: list[RunRow], order: list[str] | None = None, baseline: str 
     base = next((g for g in groups if g.label == baseline), None)
     if base is not None:
         for g in groups:
-            g.delta = {m: g.mean[m] - base.mean[m] for m in METRICS if m in g.mean and m in base.mean}
+            g.delta = {m: g.mean[m] - base.mean[m] for m in metrics if m in g.mean and m in base.mean}
     return groups
 
 
@@ -140,7 +150,7 @@ def read_rows(uri: str, parent_id: str) -> tuple[dict, list[RunRow]]:
                         per_epoch.setdefault(point.step, point.value)
                 curves[m] = per_epoch
         rows.append(RunRow(label, run.info.run_id, run.info.status, tags.get("seed", run.data.params.get("seed", "")),
-                           {m: metrics[m] for m in METRICS if m in metrics},
+                           {m: v for m, v in metrics.items() if m in METRICS or m.startswith(EXTRA)},
                            # a stage run (the reference) was opened long before its stage ran: its own seconds
                            metrics.get("variant/seconds", metrics.get("stage/seconds", duration)),
                            metrics.get("variant/peak_rss_mb", metrics.get("stage/peak_rss_mb")), curves,
@@ -156,6 +166,9 @@ def to_csv(groups: list[Group]) -> str:
     for m in METRICS:
         header += [f"{m}_mean", f"{m}_std", f"{m}_delta", f"{m}_ci_low", f"{m}_ci_high", f"{m}_ci_excludes_0"]
     header += [f"{m}_published" for m in METRICS]
+    extras = extra_metrics(groups)
+    for m in extras:
+        header += [f"{m}_mean", f"{m}_std", f"{m}_delta"]
     header += ["seconds", "peak_rss_mb", "run_ids"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -167,6 +180,8 @@ def to_csv(groups: list[Group]) -> str:
             line += [_num(g.mean.get(m)), _num(g.std.get(m)), _num(g.delta.get(m)), *(_num(v) for v in ci or (None, None)),
                      "" if ci is None else str(excludes_zero(ci)).lower()]
         line += [_num(g.published.get(m), 4) for m in METRICS]
+        for m in extras:
+            line += [_num(g.mean.get(m)), _num(g.std.get(m)), _num(g.delta.get(m))]
         line += [_num(g.seconds, 1), _num(g.peak_rss_mb, 0), " ".join(r.run_id for r in g.runs)]
         writer.writerow(line)
     return out.getvalue()
@@ -175,12 +190,16 @@ def to_csv(groups: list[Group]) -> str:
 def to_markdown(groups: list[Group]) -> str:
     """Mean ± std over seeds per metric, then the delta of dev/overall against the baseline (with its
     95% interval and `*` when that excludes 0, where differences.add_intervals gave one) and, for a
-    report grid, the report's published numbers in one column."""
+    report grid, the report's published numbers in one column; then one column per extra
+    evaluation set's metric (`<name>/<metric>`)."""
     shows_published = any(g.published for g in groups)
+    extras = extra_metrics(groups)
     lines = ["| variant | runs | " + " | ".join(SHORT[m] for m in METRICS) + " | Δ overall [95% CI] |"
              + (" published sst / para / sts / overall |" if shows_published else "")
+             + "".join(f" {m.removeprefix(EXTRA)} |" for m in extras)
              + " wall s | peak MiB |",
-             "|---|---:|" + "---:|" * len(METRICS) + "---:|" + ("---:|" if shows_published else "") + "---:|---:|"]
+             "|---|---:|" + "---:|" * len(METRICS) + "---:|" + ("---:|" if shows_published else "")
+             + "---:|" * len(extras) + "---:|---:|"]
     for g in groups:
         cells = [g.label, f"{g.finished}/{len(g.runs)}"]
         for m in METRICS:
@@ -194,6 +213,8 @@ def to_markdown(groups: list[Group]) -> str:
             f" [{ci[0]:+.4f}, {ci[1]:+.4f}]{'*' if excludes_zero(ci) else ''}" if ci else ""))
         if shows_published:
             cells.append(" / ".join(f"{g.published[m]:.3f}" if m in g.published else "-" for m in METRICS))
+        for m in extras:
+            cells.append("-" if m not in g.mean else f"{g.mean[m]:.4f}" + (f" ± {g.std[m]:.4f}" if m in g.std else ""))
         cells.append("-" if g.seconds is None else f"{g.seconds:.1f}")
         cells.append("-" if g.peak_rss_mb is None else f"{g.peak_rss_mb:.0f}")
         lines.append("| " + " | ".join(cells) + " |")

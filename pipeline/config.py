@@ -28,6 +28,42 @@ __all__ = ["ConfigError", "PipelineConfig", "load_config", "apply_overrides", "v
 
 
 @dataclass
+class DatasetColumns:
+    """Which header names hold our fields, in a file that does not use the CS224N names: e.g.
+    SICK's {id: pair_ID, sentence1: sentence_A, sentence2: sentence_B, label: relatedness_score}.
+    A task's fields must all be named: sst id, sentence, label; para and sts id, sentence1,
+    sentence2, label."""
+    id: str | None = None
+    sentence: str | None = None
+    sentence1: str | None = None
+    sentence2: str | None = None
+    label: str | None = None
+
+
+@dataclass
+class DatasetFile:
+    """A data file of the user's own: an extra evaluation set (data.extra_eval) or a replacement
+    train file (data.train_files.<task>)."""
+    file: str | None = None  # relative to the config file's folder (not data.dir); absolute allowed
+    name: str | None = None  # extra_eval only: the metric names' part, eval/<name>/<metric>
+    task: Literal["sst", "para", "sts"] | None = None  # extra_eval: what it is scored as; train_files: implied
+    columns: DatasetColumns | None = None  # null: the CS224N layout (id, sentence(1, 2), the task's label name)
+    # sts only: [lo, hi] of the file's scores, mapped linearly onto 0..5 as (x - lo) / (hi - lo) * 5;
+    # a score outside [lo, hi] is a bad row. null: already 0..5.
+    scale: list[float] | None = None
+    delimiter: Literal["tab", "comma"] = "tab"  # comma: CSV quoting within a line (no embedded newlines)
+
+
+@dataclass
+class TrainFiles:
+    """Per task, a DatasetFile that replaces data.<task>_train (sst_train, quora_train, sts_train)
+    when set; a para file also ends the carve: quora_dev is then para-dev in full."""
+    sst: DatasetFile | None = None
+    para: DatasetFile | None = None
+    sts: DatasetFile | None = None
+
+
+@dataclass
 class DataConfig:
     # Relative paths resolve against the config file's folder.
     dir: str = "../shared/data/cs224n"
@@ -46,6 +82,10 @@ class DataConfig:
     max_length: int = 128  # tokens per sentence, [CLS] and [SEP] included
     on_bad_rows: Literal["error", "drop"] = "error"
     max_rows: int | None = None  # cap per split (the smoke run uses 64)
+    # More sets to score, each {name, file, task, columns, scale, delimiter} (DatasetFile):
+    # evaluate logs eval/<name>/accuracy (sst, para), eval/<name>/pearson (sts), ...
+    extra_eval: list[DatasetFile] = field(default_factory=list)
+    train_files: TrainFiles = field(default_factory=TrainFiles)
 
 
 @dataclass
@@ -390,6 +430,8 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             out.update(flatten(value, key + "."))
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            out[key] = [dataclasses.asdict(item) for item in value]  # data.extra_eval: one param
         else:
             out[key] = value
     return out

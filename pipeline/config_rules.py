@@ -6,6 +6,9 @@ grid variant and a search space's values all meet the same rules.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from pipeline.constants import TASKS
 from pipeline.typed import get
 from pipeline.yamlfile import ConfigError
@@ -42,6 +45,7 @@ def validate(cfg, where: str = "config") -> None:
         stage = getattr(cfg.stages, name)
         if stage.num_cpus < 0 or stage.num_gpus < 0 or stage.max_retries < 0:
             raise ConfigError(f"{where}: stages.{name}: num_cpus, num_gpus, max_retries must be >= 0")
+    _check_dataset_files(cfg, where)
     _check_technique_combinations(cfg, where)
     # A stage that needs a disabled stage cannot run. (mlm_pretrain is optional for finetune.)
     needs = {"mlm_pretrain": ["data_prep"], "finetune": ["data_prep"], "evaluate": ["data_prep", "finetune"],
@@ -52,6 +56,59 @@ def validate(cfg, where: str = "config") -> None:
                 if not getattr(cfg.stages, dep).enabled:
                     raise ConfigError(
                         f"{where}: stages.{stage} is enabled but depends on stages.{dep}, which is disabled")
+
+
+# A task's fields in DatasetColumns: every one must be named, no other.
+DATASET_FIELDS = {"sst": ("id", "sentence", "label"), "para": ("id", "sentence1", "sentence2", "label"),
+                  "sts": ("id", "sentence1", "sentence2", "label")}
+METRIC_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_dataset_files(cfg, where: str) -> None:
+    """data.extra_eval and data.train_files: each a file, a task, and a layout that fits the task."""
+    names: dict[str, int] = {}
+    for i, spec in enumerate(cfg.data.extra_eval):
+        key = f"data.extra_eval[{i}]"
+        if spec.name is None or not METRIC_SAFE_NAME.fullmatch(spec.name):
+            raise ConfigError(f"{where}: {key}.name must be letters, digits, _ or - (it names the metrics "
+                              f"eval/<name>/...), got {spec.name!r}")
+        if spec.name in names:
+            raise ConfigError(f"{where}: {key}.name: '{spec.name}' is also data.extra_eval[{names[spec.name]}]'s name")
+        names[spec.name] = i
+        if spec.task is None:
+            raise ConfigError(f"{where}: {key}.task must be sst, para or sts (what the set is scored as)")
+        _check_dataset_file(spec, spec.task, key, where)
+    for task in TASKS:
+        spec = getattr(cfg.data.train_files, task)
+        if spec is None:
+            continue
+        key = f"data.train_files.{task}"
+        if spec.name is not None:
+            raise ConfigError(f"{where}: {key}.name: only data.extra_eval entries have a name")
+        if spec.task not in (None, task):
+            raise ConfigError(f"{where}: {key}.task: a {task} train file is scored as {task}, got {spec.task}")
+        _check_dataset_file(spec, task, key, where)
+
+
+def _check_dataset_file(spec, task: str, key: str, where: str) -> None:
+    if not spec.file:
+        raise ConfigError(f"{where}: {key}.file is missing (a path relative to the config file, or absolute)")
+    if spec.columns is not None:
+        named = {f for f, v in dataclasses.asdict(spec.columns).items() if v is not None}
+        missing = [f for f in DATASET_FIELDS[task] if f not in named]
+        if missing:
+            raise ConfigError(f"{where}: {key}.columns.{missing[0]} is missing: a {task} file's columns must name "
+                              f"{', '.join(DATASET_FIELDS[task])} (or leave columns null for the CS224N layout)")
+        extra = sorted(named - set(DATASET_FIELDS[task]))
+        if extra:
+            raise ConfigError(f"{where}: {key}.columns.{extra[0]}: a {task} file has no such field "
+                              f"(its fields: {', '.join(DATASET_FIELDS[task])})")
+    if spec.scale is not None:
+        if task != "sts":
+            raise ConfigError(f"{where}: {key}.scale rescales similarity scores: sts only, not {task}")
+        if len(spec.scale) != 2 or not spec.scale[0] < spec.scale[1]:
+            raise ConfigError(f"{where}: {key}.scale must be [lo, hi] with lo < hi (the file's score range), "
+                              f"got {spec.scale}")
 
 
 def _check_technique_combinations(cfg, where: str) -> None:

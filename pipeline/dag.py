@@ -137,6 +137,13 @@ def _fingerprints(cfg: PipelineConfig, stage: Stage) -> dict:
             value = getattr(cfg.data, f.name)
             if f.name.endswith(("_train", "_dev", "_test")) and value:
                 out[f.name] = _file_hash(Path(cfg.data.dir) / value)
+        # The user's own files (their specs are in the key through the `data` section).
+        for spec in cfg.data.extra_eval:
+            out[f"extra_eval/{spec.name}"] = _file_hash(Path(spec.file))
+        for task in ("sst", "para", "sts"):
+            spec = getattr(cfg.data.train_files, task)
+            if spec is not None:
+                out[f"train_files/{task}"] = _file_hash(Path(spec.file))
     if any(k == "model" or k.startswith("model.") for k in stage.config_keys):
         model_dir = Path(cfg.model.dir)
         for name in ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt"):

@@ -11,6 +11,7 @@ already loaded (ablate, once per variant).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import SMOKE_OVERRIDES, ConfigError, PipelineConfig, apply_overrides, load_config, resolve_path
-from pipeline.constants import is_remote
+from pipeline.constants import TASKS, is_remote
 from pipeline.grids import variant_overrides
 
 
@@ -88,9 +89,18 @@ def smoke_config(cfg: PipelineConfig, store_location: str) -> PipelineConfig:
 
 
 def resolve_paths(cfg: PipelineConfig, config_dir: Path) -> PipelineConfig:
-    """Absolute data and model folders, so stages running anywhere (Ray workers) agree."""
+    """Absolute data and model folders and the user's own data files (data.extra_eval,
+    data.train_files: relative to the config, not to data.dir), so stages running anywhere
+    (Ray workers) agree."""
     model_dir = str(resolve_path(config_dir, cfg.model.dir)) if cfg.model.dir else str(packaged_model_dir())
-    return apply_overrides(cfg, {"data.dir": str(resolve_path(config_dir, cfg.data.dir)), "model.dir": model_dir})
+    absolute = {"data.dir": str(resolve_path(config_dir, cfg.data.dir)), "model.dir": model_dir,
+                "data.extra_eval": [dataclasses.replace(spec, file=str(resolve_path(config_dir, spec.file)))
+                                    for spec in cfg.data.extra_eval]}
+    for task in TASKS:
+        spec = getattr(cfg.data.train_files, task)
+        if spec is not None:
+            absolute[f"data.train_files.{task}"] = dataclasses.replace(spec, file=str(resolve_path(config_dir, spec.file)))
+    return apply_overrides(cfg, absolute)
 
 
 def packaged_model_dir() -> Path:

@@ -66,6 +66,11 @@ def _print_summary(planned, results, store, uri, parent, cfg, seconds) -> None:
         for name in DEV_METRICS:
             if name in metrics:
                 print(f"  {name:<14} {metrics[name]:.4f}")
+    extra = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    if extra:  # data.extra_eval
+        print("extra evaluation sets:")
+        for name, value in extra.items():
+            print(f"  {name:<14} {value:.4f}")
     untrained = results.get(REFERENCE_STAGE, {}).get("metrics", {})
     if untrained:  # stages.reference.enabled: true
         print("untrained:     " + ", ".join(f"{n} {untrained[n]:.4f}" for n in DEV_METRICS if n in untrained)

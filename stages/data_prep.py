@@ -23,6 +23,14 @@ Quora carve: only quora-dev.csv is distributed, so with `data.quora_train: null`
 int(sha1(id).hexdigest()[:8], 16) / 16**8 < data.quora_dev_fraction, else to para-train.
 With `data.quora_train` set, it is para-train and `data.quora_dev` is para-dev.
 
+The user's own files (pipeline.config.DatasetFile, paths already absolute): each
+`data.extra_eval` entry is read as its task's file and written as eval-<name>.arrow, listed in
+the manifest's `extra_eval`; a `data.train_files.<task>` entry replaces that task's train file
+(para: and ends the carve). Their layout: `columns` maps our fields (id, sentence or sentence1
+and sentence2, label) to the file's header names (null: the CS224N names), `scale` [lo, hi]
+maps an sts score x onto 0..5 as (x - lo) / (hi - lo) * 5 (outside [lo, hi]: a bad row), and
+`delimiter` comma reads each line as one CSV record. The same checks apply, by the same rules.
+
 `data.max_rows` keeps the first N valid rows of each split (after the carve). Each sentence is
 tokenized on its own as [CLS] ... [SEP], truncated to `data.max_length` tokens; "truncated"
 counts the sentences that were cut. Output: out/{task}-{split}.arrow (see
@@ -31,6 +39,7 @@ docs/architecture.md for the columns) and out/manifest.json.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import itertools
 import json
@@ -60,14 +69,20 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
     drop = cfg.data.on_bad_rows == "drop"
 
     # Read and validate every named file; each split gets its rows, dropped count and examples.
+    # A task's data.train_files entry (the user's own file, its own layout) replaces its _train.
     splits: dict[str, dict] = {}
-    carve_quora = cfg.data.quora_train is None and cfg.data.quora_dev is not None
+    carve_quora = cfg.data.quora_train is None and cfg.data.train_files.para is None and cfg.data.quora_dev is not None
     for task, split, key in SPLIT_FILES:
-        name = getattr(cfg.data, key)
-        if name is None:
+        own = getattr(cfg.data.train_files, task) if split == "train" else None
+        if own is not None:
+            path = Path(own.file)
+            rows, bad = read_file(path, task, is_test=False, drop=drop, config_key=f"data.train_files.{task}",
+                                  **_layout(own))
+        elif getattr(cfg.data, key) is not None:
+            path = _resolve(data_dir, getattr(cfg.data, key))
+            rows, bad = read_file(path, task, is_test=(split == "test"), drop=drop, config_key=f"data.{key}")
+        else:
             continue
-        path = _resolve(data_dir, name)
-        rows, bad = read_file(path, task, is_test=(split == "test"), drop=drop, config_key=f"data.{key}")
         if task == "para" and split == "dev" and carve_quora:
             dev_fraction = cfg.data.quora_dev_fraction
             for part in ("train", "dev"):
@@ -79,61 +94,92 @@ def run(cfg, inputs: dict[str, Path], out: Path, log) -> dict:
                 }
         else:
             splits[f"{task}-{split}"] = {"source": path, "rows": rows, "bad": bad}
+    # Extra evaluation sets: validated like every split, written as eval-<name>.arrow.
+    extra: dict[str, dict] = {}
+    for i, spec in enumerate(cfg.data.extra_eval):
+        path = Path(spec.file)
+        rows, bad = read_file(path, spec.task, is_test=False, drop=drop, config_key=f"data.extra_eval[{i}]",
+                              **_layout(spec))
+        extra[spec.name] = {"source": path, "rows": rows, "bad": bad, "task": spec.task, "scale": spec.scale}
 
     metrics: dict[str, float] = {}
-    manifest_splits = {}
-    for split_name in _ordered(splits):
-        entry = splits[split_name]
-        task, split = split_name.split("-")
+    manifest_splits, manifest_extra = {}, {}
+    todo = [(name, splits[name], None) for name in _ordered(splits)]
+    todo += [(f"eval-{name}", entry, name) for name, entry in extra.items()]
+    for split_name, entry, extra_name in todo:
+        task, split = (entry["task"], "eval") if extra_name else split_name.split("-")
         rows = entry["rows"]
         if cfg.data.max_rows is not None:
             rows = rows[: cfg.data.max_rows]
         if not rows:
             raise ValueError(f"{entry['source']}: no valid rows left for {split_name}"
                              f" ({len(entry['bad'])} dropped)")
-
-        # Tokenize column by column in one batch call each; a sentence with overflow was cut.
-        columns = {}
-        truncated = 0
-        for i, column in enumerate(SENTENCE_COLUMNS[task]):
-            encodings = tokenizer.encode_batch([r[2][i] for r in rows])
-            truncated += sum(1 for e in encodings if e.overflowing)
-            columns["input_ids" if task == "sst" else f"input_ids_{i + 1}"] = _list_array(encodings)
-        table_columns = {"id": pa.array([r[1] for r in rows], pa.string()), **columns}
-        if split != "test":
-            label_type = pa.int64() if task == "sst" else pa.float32()
-            table_columns["label"] = pa.array([r[3] for r in rows], label_type)
-        table = pa.table(table_columns)
         file_name = f"{split_name}.arrow"
-        with pa.OSFile(str(out / file_name), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-
+        truncated = _write_split(out / file_name, tokenizer, task, rows, with_labels=split != "test")
         dropped = len(entry["bad"])
-        manifest_splits[split_name] = {"file": file_name, "rows": len(rows), "dropped": dropped,
-                                       "truncated": truncated, "source": str(entry["source"])}
-        prefix = f"data/{task}_{split}"
+        counts = {"file": file_name, "rows": len(rows), "dropped": dropped, "truncated": truncated,
+                  "source": str(entry["source"])}
+        if extra_name is None:
+            manifest_splits[split_name] = counts
+            prefix = f"data/{task}_{split}"
+        else:
+            manifest_extra[extra_name] = {"task": task, **counts, "scale": entry["scale"]}
+            prefix = f"data/eval_{extra_name}"
         metrics[f"{prefix}_rows"] = float(len(rows))
         metrics[f"{prefix}_dropped"] = float(dropped)
         metrics[f"{prefix}_truncated"] = float(truncated)
-    metrics["data/dropped_rows"] = float(sum(len(s["bad"]) for s in splits.values()))
-    _print_summary(manifest_splits, [(splits[name]["source"], *bad) for name in _ordered(splits)
-                                     for bad in splits[name]["bad"]], cfg.data.max_length)
+    every = [splits[name] for name in _ordered(splits)] + list(extra.values())
+    metrics["data/dropped_rows"] = float(sum(len(s["bad"]) for s in every))
+    _print_summary(manifest_splits, manifest_extra, [(s["source"], *bad) for s in every for bad in s["bad"]],
+                   cfg.data.max_length)
 
-    manifest = {"max_length": cfg.data.max_length, "tokenizer": tokenizer_info, "splits": manifest_splits}
+    manifest = {"max_length": cfg.data.max_length, "tokenizer": tokenizer_info, "splits": manifest_splits,
+                "extra_eval": manifest_extra}
     manifest_path = out / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     log(metrics)
     return {"metrics": metrics, "manifest": str(manifest_path)}
 
 
+def _layout(spec) -> dict:
+    """read_file's layout arguments from a DatasetFile (data.extra_eval, data.train_files)."""
+    columns = None if spec.columns is None else {f: v for f, v in vars(spec.columns).items() if v is not None}
+    return {"columns": columns, "scale": tuple(spec.scale) if spec.scale else None, "delimiter": spec.delimiter}
+
+
+def _write_split(path: Path, tokenizer, task: str, rows: list, with_labels: bool) -> int:
+    """One split's Arrow file; returns how many sentences truncation cut."""
+    # Tokenize column by column in one batch call each; a sentence with overflow was cut.
+    columns = {}
+    truncated = 0
+    for i in range(len(SENTENCE_COLUMNS[task])):
+        encodings = tokenizer.encode_batch([r[2][i] for r in rows])
+        truncated += sum(1 for e in encodings if e.overflowing)
+        columns["input_ids" if task == "sst" else f"input_ids_{i + 1}"] = _list_array(encodings)
+    table_columns = {"id": pa.array([r[1] for r in rows], pa.string()), **columns}
+    if with_labels:
+        label_type = pa.int64() if task == "sst" else pa.float32()
+        table_columns["label"] = pa.array([r[3] for r in rows], label_type)
+    table = pa.table(table_columns)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return truncated
+
+
 # ---------------------------------------------------------------- reading and validation
 
 
-def read_file(path: Path, task: str, is_test: bool, drop: bool, config_key: str, ignore_labels: bool = False):
+def read_file(path: Path, task: str, is_test: bool, drop: bool, config_key: str, ignore_labels: bool = False,
+              columns: dict[str, str] | None = None, scale: tuple[float, float] | None = None,
+              delimiter: str = "tab"):
     """Parse one file -> (rows, bad): rows are (line, id, sentences, label), bad are (line, id, reason).
 
     With drop=False the first bad row raises instead. ignore_labels (with is_test): a label column
-    may be there and is not read (`pipeline predict` on a dev file).
+    may be there and is not read (`pipeline predict` on a dev file). The layout of the user's own
+    files (data.extra_eval, data.train_files): `columns` maps our fields (id, sentence or
+    sentence1 and sentence2, label) to the file's header names (None: the CS224N names); `scale`
+    (sts) is the file's score range, mapped onto 0..5; `delimiter` tab or comma (CSV quoting
+    within each line).
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found ({config_key})")
@@ -149,9 +195,10 @@ def read_file(path: Path, task: str, is_test: bool, drop: bool, config_key: str,
     lines = [line.removesuffix("\r") for line in lines]
     if not lines or not lines[0].strip():
         raise ValueError(f"{path}: file is empty, expected a header row and data rows")
-    header = lines[0].split("\t")
+    split_fields = _split_tab if delimiter == "tab" else _split_comma
+    header = split_fields(lines[0])
     if len(header) == 1:
-        raise ValueError(f"{path}:1: expected tab-separated columns, the header has one column: {lines[0][:80]!r}")
+        raise ValueError(f"{path}:1: expected {delimiter}-separated columns, the header has one column: {lines[0][:80]!r}")
     if len(lines) == 1:
         raise ValueError(f"{path}: has a header row but no data rows")
 
@@ -159,36 +206,41 @@ def read_file(path: Path, task: str, is_test: bool, drop: bool, config_key: str,
     for name in names:
         if name and names.count(name) > 1:
             raise ValueError(f"{path}:1: column '{name}' appears more than once in the header")
-    label_column = LABEL_COLUMN[task]
+    # Our field -> the file's column name.
+    column_of = columns or {"id": "id", **{c: c for c in SENTENCE_COLUMNS[task]}, "label": LABEL_COLUMN[task]}
+    label_column = column_of["label"]
     if is_test and label_column in names and not ignore_labels:
         raise ValueError(f"{path}:1: a test file must not have a label column, found '{label_column}'")
-    required = ["id", *SENTENCE_COLUMNS[task]] + ([] if is_test else [label_column])
-    for column in required:
-        if column not in names:
-            what = "label column" if column == label_column else "column"
-            raise ValueError(f"{path}:1: missing required {what} '{column}' (header: {names})")
-    id_at = names.index("id")
-    sentence_at = [names.index(c) for c in SENTENCE_COLUMNS[task]]
+    required = ["id", *SENTENCE_COLUMNS[task]] + ([] if is_test else ["label"])
+    for field in required:
+        if column_of[field] not in names:
+            what = "label column" if field == "label" else "column"
+            named_by = f" ({config_key}.columns.{field})" if columns else ""
+            raise ValueError(f"{path}:1: missing required {what} '{column_of[field]}'{named_by} (header: {names})")
+    id_at = names.index(column_of["id"])
+    sentence_at = [names.index(column_of[c]) for c in SENTENCE_COLUMNS[task]]
     label_at = None if is_test else names.index(label_column)
-    parse_label = {"sst": _parse_sentiment, "para": _parse_is_duplicate, "sts": _parse_similarity}[task]
+    parse_label = {"sst": _parse_sentiment, "para": _parse_is_duplicate,
+                   "sts": lambda text: _parse_similarity(text, scale)}[task]
+    unquote = _unquote if delimiter == "tab" else str  # the CSV reader has already unquoted
 
     rows, bad = [], []
     first_line_of_id: dict[str, int] = {}
     for line_no, line in enumerate(lines[1:], start=2):
-        fields = line.split("\t")
+        fields = split_fields(line)
         row_id = fields[id_at].strip() if id_at < len(fields) else ""
         problem = None
         if len(fields) != len(header):
-            problem = f"expected {len(header)} tab-separated fields, got {len(fields)}"
+            problem = f"expected {len(header)} {delimiter}-separated fields, got {len(fields)}"
         elif not row_id:
             problem = "empty id"
         elif row_id in first_line_of_id:
             problem = f"duplicate id '{row_id}' (first on line {first_line_of_id[row_id]})"
         else:
-            sentences = tuple(_unquote(fields[i]) for i in sentence_at)
-            for column, sentence in zip(SENTENCE_COLUMNS[task], sentences):
+            sentences = tuple(unquote(fields[i]) for i in sentence_at)
+            for field, sentence in zip(SENTENCE_COLUMNS[task], sentences):
                 if not sentence.strip():
-                    problem = f"empty {column}"
+                    problem = f"empty {column_of[field]}"
                     break
             label = None
             if problem is None and label_at is not None:
@@ -201,6 +253,15 @@ def read_file(path: Path, task: str, is_test: bool, drop: bool, config_key: str,
         first_line_of_id[row_id] = line_no
         rows.append((line_no, row_id, sentences, label))
     return rows, bad
+
+
+def _split_tab(line: str) -> list[str]:
+    return line.split("\t")
+
+
+def _split_comma(line: str) -> list[str]:
+    """One CSV record per physical line (quoted commas allowed, embedded newlines not)."""
+    return next(csv.reader([line]), [])
 
 
 def _unquote(field: str) -> str:
@@ -230,14 +291,17 @@ def _parse_is_duplicate(text: str):
     return None, f"is_duplicate {text!r} is not 0 or 1"
 
 
-def _parse_similarity(text: str):
+def _parse_similarity(text: str, scale: tuple[float, float] | None = None):
+    """A score in [0, 5]; with a declared scale (lo, hi), a score in [lo, hi] mapped linearly
+    onto 0..5: (x - lo) / (hi - lo) * 5, so 1..5 gives 1 -> 0, 3 -> 2.5, 5 -> 5."""
+    lo, hi = scale or (0.0, 5.0)
     try:
         value = float(text)
     except ValueError:
         return None, f"similarity {text!r} is not a number"
-    if math.isnan(value) or not 0 <= value <= 5:
-        return None, f"similarity {text!r} is not in [0, 5]"
-    return value, None
+    if math.isnan(value) or not lo <= value <= hi:
+        return None, f"similarity {text!r} is not in [{lo:g}, {hi:g}]" + (" (its declared scale)" if scale else "")
+    return ((value - lo) / (hi - lo) * 5 if scale else value), None
 
 
 def _hash_unit(row_id: str) -> float:
@@ -250,7 +314,7 @@ def _resolve(data_dir: Path, name: str) -> Path:
     return path if path.is_absolute() else data_dir / path
 
 
-def _print_summary(manifest_splits: dict, bad: list, max_length: int) -> None:
+def _print_summary(manifest_splits: dict, manifest_extra: dict, bad: list, max_length: int) -> None:
     """One line for every split's rows, dropped and truncated counts, then the first
     MAX_DROPPED_EXAMPLES dropped rows: a run's log stays short (the per-split counts are in
     the manifest and the data/* metrics), and a dropped row can still be found by its line."""
@@ -259,11 +323,14 @@ def _print_summary(manifest_splits: dict, bad: list, max_length: int) -> None:
         task, split = name.split("-")
         by_task.setdefault(task, []).append(f"{split} {entry['rows']}")
     rows = ", ".join(f"{task} {' '.join(parts)}" for task, parts in by_task.items())
-    dropped = {name: entry["dropped"] for name, entry in manifest_splits.items() if entry["dropped"]}
+    if manifest_extra:
+        rows += ", extra eval " + " ".join(f"{name} ({e['task']}) {e['rows']}" for name, e in manifest_extra.items())
+    everything = {**manifest_splits, **{f"eval-{name}": e for name, e in manifest_extra.items()}}
+    dropped = {name: entry["dropped"] for name, entry in everything.items() if entry["dropped"]}
     dropped_text = f"{sum(dropped.values())} dropped"
     if dropped:
         dropped_text += " (" + ", ".join(f"{name} {n}" for name, n in dropped.items()) + ")"
-    truncated = sum(entry["truncated"] for entry in manifest_splits.values())
+    truncated = sum(entry["truncated"] for entry in everything.values())
     print(f"data_prep: rows {rows}; {dropped_text}; {truncated} sentences truncated to {max_length} tokens")
     for source, line, _id, reason in bad[:MAX_DROPPED_EXAMPLES]:
         print(f"data_prep:   dropped {source}:{line}: {reason}")

@@ -14,6 +14,11 @@ Spearman (metrics dev/sst_f1_<k>, dev/sst_macro_f1, dev/para_precision, dev/para
 dev/para_f1, dev/sts_spearman) and a predicted-vs-gold scatter (sts_scatter.png); the worst dev
 examples with their sentences (read back from the split's source file named in the manifest):
 the most confident wrong sst and para predictions and the largest sts errors.
+
+Extra evaluation sets (data.extra_eval, in the manifest's `extra_eval`) are scored with their
+task's head: metrics eval/<name>/accuracy and macro_f1 (sst), accuracy and f1 (para), pearson
+and spearman (sts, on 0..5), logged beside the dev/* ones; their predictions go to
+out/extra_eval/<name>-output.csv, outside the submission zip.
 """
 
 import csv
@@ -26,7 +31,7 @@ import numpy as np
 from stages.batches import load_split
 from stages.data_prep import read_file
 from stages.device import pick_device
-from stages.metrics import SST_CLASSES, analysis_metrics, confusion_matrix, dev_metrics
+from stages.metrics import SST_CLASSES, analysis_metrics, confusion_matrix, dev_metrics, extra_eval_metrics
 from stages.multitask_model import load_multitask, predict_with_scores
 
 TASKS = ("sst", "para", "sts")
@@ -44,7 +49,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: data_prep manifest not found")
-    splits = json.loads(manifest_path.read_text()).get("splits", {})
+    manifest = json.loads(manifest_path.read_text())
+    splits = manifest.get("splits", {})
     model = load_multitask(model_dir, device=device)
 
     predictions_dir = out / "predictions"
@@ -77,9 +83,15 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     if metrics:
         print("evaluate: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
         metrics.update(analysis_metrics(dev_preds, dev_golds))
-        log(metrics)
         sentences = {task: _sentences(data_dir / "manifest.json", splits, task) for task in dev_preds}
         _write_analysis(out / "analysis", dev_ids, dev_preds, dev_scores, dev_golds, sentences)
+    extra = _score_extra_sets(model, data_dir, manifest.get("extra_eval", {}), out / "extra_eval",
+                              cfg.train.eval_batch_size, device)
+    if extra:
+        print("evaluate: extra sets: " + ", ".join(f"{key} {value:.4f}" for key, value in extra.items()))
+        metrics.update(extra)
+    if metrics:
+        log(metrics)
 
     submission = out / "submission.zip"
     with zipfile.ZipFile(submission, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -87,7 +99,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             zf.write(path, arcname=f"predictions/{path.name}")
     missing_test = [m for m in missing if "-test-" in m]
     return {"metrics": metrics, "predictions": str(predictions_dir), "submission": str(submission),
-            "analysis": str(out / "analysis"),
+            "analysis": str(out / "analysis"), "extra_eval": str(out / "extra_eval"),
             "missing_test_files": missing_test,
             "missing_dev_files": [m for m in missing if "-dev-" in m]}
 
@@ -110,6 +122,23 @@ def _write_predictions(path: Path, task: str, ids, preds: np.ndarray) -> None:
     # newline="" so the bytes are exactly "\n" on every OS, as graders expect.
     with open(path, "w", encoding="utf-8", newline="") as f:
         f.writelines(lines)
+
+
+def _score_extra_sets(model, data_dir: Path, extra_sets: dict, folder: Path, batch_size: int, device) -> dict:
+    """eval/<name>/<metric> for each extra set in the manifest, and its predictions in
+    folder/<name>-output.csv (the starter's format; sts on 0..5, whatever the file's scale).
+    Not in predictions/: the submission zip holds the leaderboard's files only."""
+    metrics = {}
+    for name, entry in extra_sets.items():
+        split_path = data_dir / entry["file"]
+        split = load_split(split_path)
+        if split.labels is None:
+            raise ValueError(f"{split_path}: extra evaluation set '{name}' has no label column")
+        preds, _ = predict_with_scores(model, entry["task"], split, batch_size, device)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_predictions(folder / f"{name}-output.csv", entry["task"], split.ids, preds)
+        metrics.update(extra_eval_metrics(name, entry["task"], preds, np.asarray(split.labels)))
+    return metrics
 
 
 # ---------------------------------------------------------------- error analysis

@@ -4,6 +4,8 @@ sst and para are scored by accuracy, sts by Pearson correlation; the overall sco
 correlation from [-1, 1] to [0, 1] and averages the three:
     overall = (sst_acc + para_acc + (sts_corr + 1) / 2) / 3
 
+Extra evaluation sets (data.extra_eval) are scored by extra_eval_metrics, eval/<name>/<metric>.
+
 For error analysis (evaluate's analysis/ folder): the sst confusion matrix and per-class F1,
 para precision / recall / F1 of the paraphrase class, sts Spearman correlation.
 """
@@ -128,3 +130,20 @@ def _same_length(pred, gold) -> tuple[np.ndarray, np.ndarray]:
     if len(pred) != len(gold):
         raise ValueError(f"{len(pred)} predictions for {len(gold)} gold labels")
     return pred, gold
+
+
+def extra_eval_metrics(name: str, task: str, pred, gold) -> dict[str, float]:
+    """An extra evaluation set's scores, named by the set: sst eval/<name>/accuracy and
+    eval/<name>/macro_f1; para eval/<name>/accuracy and eval/<name>/f1 (of the paraphrase
+    class); sts eval/<name>/pearson and eval/<name>/spearman (on the 0..5 scale data_prep maps
+    every set onto; a linear rescale changes neither correlation)."""
+    prefix = f"eval/{name}/"
+    if task == "sst":
+        _, _, f1 = per_class_f1(confusion_matrix(pred, gold, SST_CLASSES))
+        return {prefix + "accuracy": accuracy(pred, gold), prefix + "macro_f1": float(f1.mean())}
+    if task == "para":
+        return {prefix + "accuracy": accuracy(pred, gold), prefix + "f1": binary_precision_recall_f1(pred, gold)[2]}
+    if task == "sts":
+        return {prefix + "pearson": pearson(pred, gold), prefix + "spearman": spearman(pred, gold)}
+    raise KeyError(f"extra_eval_metrics: unknown task '{task}'; expected sst, para or sts")
+

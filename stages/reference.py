@@ -17,7 +17,9 @@ mean and std, with a small fixed L2 penalty: nothing is random, so no seed is re
 ablation's seeds share one reference. The metric names are the ones finetune and evaluate log
 (dev/sst_acc, dev/para_acc, dev/sts_corr, dev/overall by stages.metrics), plus
 reference/sst_majority and reference/para_majority. A task whose train or dev split data_prep
-did not write is left out (and dev/overall with it).
+did not write is left out (and dev/overall with it). Extra evaluation sets (data.extra_eval) are
+scored the same way, sts by the cosine and sst / para by that task's probe, under evaluate's
+names (eval/<name>/pearson, ...): the comparison's untrained row has their columns too.
 """
 
 import json
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from stages.batches import bucketed_batches, load_split, pad_batch
 from stages.device import autocast, pick_device
 from stages.encoder import load_bert, pool
-from stages.metrics import METRIC_NAMES, accuracy, overall, pearson
+from stages.metrics import METRIC_NAMES, accuracy, extra_eval_metrics, overall, pearson
 
 # The probes' L2 penalty on the weights (not the bias), added to the mean cross entropy:
 # l2 / 2 * ||W||^2 on standardised features. Small: with 8.5k-16k rows and 384-1536 features a
@@ -49,7 +51,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: data_prep manifest not found")
-    splits = json.loads(manifest_path.read_text()).get("splits", {})
+    manifest = json.loads(manifest_path.read_text())
+    splits = manifest.get("splits", {})
 
     def split(name: str):
         return load_split(data_dir / splits[name].get("file", f"{name}.arrow")) if name in splits else None
@@ -58,6 +61,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     encoder = load_bert(cfg.model.dir).to(device)  # eval mode: no dropout
     batch_size = cfg.train.eval_batch_size
     metrics, sentences, left_out = {}, 0, []
+    probes = {}  # task -> its probe, for the extra evaluation sets of that task
 
     # ---- sts: the cosine of the two sentence vectors, no fitting
     sts_dev = split("sts-dev")
@@ -74,7 +78,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         x_train = embed(encoder, sst_train, "input_ids", batch_size, device)
         x_dev = embed(encoder, sst_dev, "input_ids", batch_size, device)
         y_train = torch.from_numpy(sst_train.labels.astype(np.int64))
-        probe = fit_probe(x_train, y_train, SST_CLASSES)
+        probe = probes["sst"] = fit_probe(x_train, y_train, SST_CLASSES)
         metrics[METRIC_NAMES["sst"]] = accuracy(probe_predict(probe, x_dev), sst_dev.labels)
         metrics["reference/sst_majority"] = majority_accuracy(sst_train.labels, sst_dev.labels)
         sentences += len(sst_train) + len(sst_dev)
@@ -87,12 +91,27 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         x_train = pair_features(*embed_pairs(encoder, para_train, batch_size, device))
         x_dev = pair_features(*embed_pairs(encoder, para_dev, batch_size, device))
         y_train, y_dev = (s.labels.astype(np.int64) for s in (para_train, para_dev))  # 0.0/1.0 -> class 0/1
-        probe = fit_probe(x_train, torch.from_numpy(y_train), 2)
+        probe = probes["para"] = fit_probe(x_train, torch.from_numpy(y_train), 2)
         metrics[METRIC_NAMES["para"]] = accuracy(probe_predict(probe, x_dev), y_dev)
         metrics["reference/para_majority"] = majority_accuracy(y_train, y_dev)
         sentences += 2 * (len(para_train) + len(para_dev))
     else:
         left_out.append("para (no para-train or para-dev)")
+
+    # ---- extra evaluation sets (data.extra_eval): sts by the cosine, sst and para by their task's probe
+    for name, entry in manifest.get("extra_eval", {}).items():
+        task, extra = entry["task"], load_split(data_dir / entry["file"])
+        if task == "sts":
+            preds = F.cosine_similarity(*embed_pairs(encoder, extra, batch_size, device), dim=-1).numpy()
+        elif task in probes:
+            x = (embed(encoder, extra, "input_ids", batch_size, device) if task == "sst"
+                 else pair_features(*embed_pairs(encoder, extra, batch_size, device)))
+            preds = probe_predict(probes[task], x)
+        else:
+            left_out.append(f"extra set {name} (no {task} probe)")
+            continue
+        metrics.update(extra_eval_metrics(name, task, preds, extra.labels))
+        sentences += len(extra) * (1 if task == "sst" else 2)
 
     names = [METRIC_NAMES[t] for t in ("sst", "para", "sts")]
     if all(n in metrics for n in names):

@@ -55,14 +55,15 @@ def run_pipeline(work: Path, *args: str, timeout: int = 600, **extra_env):
 
 
 def write_experiment(folder: Path, experiment: str, extra: str = "", data_dir: Path = SHARED_DATA,
-                     stages: str = "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n") -> Path:
+                     stages: str = "  finetune: {num_cpus: 1}\n  evaluate: {num_cpus: 1}\n", data: str = "") -> Path:
     """`folder/exp.yaml` for a CLI test: the shared data (its two bad Quora rows dropped), stages
     on one CPU each (so two fit on this machine), its own MLflow experiment; `extra` YAML appended
-    (top-level sections, or more `tracking:` keys indented two spaces)."""
+    (top-level sections, or more `tracking:` keys indented two spaces); `data`, more `data:` keys
+    (indented two spaces)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "exp.yaml"
     path.write_text(f"# {experiment}: a test's config\n"
-                    f"data:\n  dir: {data_dir}\n  on_bad_rows: drop\n"
+                    f"data:\n  dir: {data_dir}\n  on_bad_rows: drop\n{data}"
                     f"stages:\n{stages}"
                     f"tracking:\n  experiment: {experiment}\n{extra}")
     return path

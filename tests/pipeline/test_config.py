@@ -257,3 +257,58 @@ def test_the_shipped_config_is_the_searched_recipe_and_the_dataclass_defaults_th
     assert (plain.model.pooling, plain.model.para.encoding, plain.model.sts.head) == ("cls", "separate", "linear")
     assert cfg.train.task_epochs == plain.train.task_epochs
     assert cfg.train.data_fraction == plain.train.data_fraction
+
+
+# ---------------------------------------------------------------- the user's own data files
+
+SICK = ("    - name: sick\n      file: sick.tsv\n      task: sts\n      scale: [1, 5]\n"
+        "      columns: {id: pair_ID, sentence1: sentence_A, sentence2: sentence_B, label: relatedness_score}\n")
+
+
+def test_extra_eval_and_train_files_load_and_resolve_against_the_config_folder(tmp_path):
+    from pipeline.prepare import resolve_paths
+
+    cfg = load_config(write(tmp_path, f"data:\n  dir: elsewhere\n  extra_eval:\n{SICK}"
+                                      "  train_files:\n    sts: {file: /abs/my-sts.tsv, delimiter: comma}\n"))
+    (sick,) = cfg.data.extra_eval
+    assert (sick.name, sick.task, sick.scale, sick.columns.label) == ("sick", "sts", [1.0, 5.0], "relatedness_score")
+    assert cfg.data.train_files.sts.task is None and cfg.data.train_files.sst is None
+    resolved = resolve_paths(apply_overrides(cfg, {"model.dir": "m"}), tmp_path)
+    assert resolved.data.extra_eval[0].file == str(tmp_path / "sick.tsv")  # the config's folder, not data.dir
+    assert resolved.data.train_files.sts.file == "/abs/my-sts.tsv"
+    assert load_config(write(tmp_path, dump_yaml(resolved))) == resolved  # the logged config.yaml loads back
+    assert flatten(cfg)["data.train_files.sts.delimiter"] == "comma"
+    assert flatten(cfg)["data.extra_eval"][0]["name"] == "sick"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{name: s, file: x.tsv, task: sst, scale: [1, 5]}", r"data\.extra_eval\[0\]\.scale rescales similarity scores: sts only"),
+    ("{name: s, file: x.tsv, task: sts, scale: [5, 1]}", r"data\.extra_eval\[0\]\.scale must be \[lo, hi\] with lo < hi"),
+    ("{name: s, file: x.tsv, task: sts, scale: [1, 3, 5]}", r"data\.extra_eval\[0\]\.scale must be \[lo, hi\]"),
+    ("{name: s, file: x.tsv, task: nli}", r"data\.extra_eval\[0\]\.task: expected one of \['sst', 'para', 'sts'\]"),
+    ("{name: s, file: x.tsv}", r"data\.extra_eval\[0\]\.task must be sst, para or sts"),
+    ("{name: s/x, file: x.tsv, task: sts}", r"data\.extra_eval\[0\]\.name must be letters, digits, _ or -"),
+    ("{file: x.tsv, task: sts}", r"data\.extra_eval\[0\]\.name must be"),
+    ("{name: s, task: sts}", r"data\.extra_eval\[0\]\.file is missing"),
+    ("{name: s, file: x.tsv, task: sts, columns: {id: a, sentence1: b, sentence2: c}}",
+     r"data\.extra_eval\[0\]\.columns\.label is missing: a sts file's columns must name id, sentence1, sentence2, label"),
+    ("{name: s, file: x.tsv, task: sst, columns: {id: a, sentence1: b, label: c}}", r"data\.extra_eval\[0\]\.columns\.sentence is missing"),
+    ("{name: s, file: x.tsv, task: sts, colums: {}}", r"unknown key 'data\.extra_eval\[0\]\.colums' \(did you mean 'columns'\?\)"),
+    ("{name: s, file: x.tsv, task: sts, delimiter: ';'}", r"data\.extra_eval\[0\]\.delimiter: expected one of \['tab', 'comma'\]"),
+])
+def test_a_bad_extra_eval_entry_names_the_file_line_and_key(tmp_path, entry, message):
+    with pytest.raises(ConfigError, match=r"exp\.yaml:3: " + message):
+        load_config(write(tmp_path, f"seed: 1\ndata:\n  extra_eval:\n    - {entry}\n"))
+
+
+def test_extra_eval_names_are_unique_and_train_files_take_their_task_from_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.extra_eval\[1\]\.name: 'sick' is also data\.extra_eval\[0\]'s name"):
+        load_config(write(tmp_path, f"data:\n  extra_eval:\n{SICK}{SICK}"))
+    with pytest.raises(ConfigError, match=r"data\.train_files\.sts\.task: a sts train file is scored as sts, got para"):
+        apply_overrides(PipelineConfig(), ["data.train_files.sts={file: x.tsv, task: para}"])
+    with pytest.raises(ConfigError, match=r"data\.train_files\.para\.name: only data\.extra_eval entries have a name"):
+        apply_overrides(PipelineConfig(), ["data.train_files.para={file: x.tsv, name: q}"])
+    with pytest.raises(ConfigError, match=r"data\.train_files\.sst\.scale rescales similarity scores: sts only"):
+        apply_overrides(PipelineConfig(), ["data.train_files.sst={file: x.tsv, scale: [1, 5]}"])
+    cfg = apply_overrides(PipelineConfig(), ["data.train_files.sts={file: x.tsv, task: sts, scale: [1, 5]}"])
+    assert cfg.data.train_files.sts.scale == [1.0, 5.0]

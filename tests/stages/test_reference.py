@@ -1,6 +1,8 @@
 """reference: the untrained backbone's scores, checked against hand-computed values on tiny inputs."""
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -81,3 +83,23 @@ def test_run_logs_the_comparison_metric_names(tiny_model_dir, prepared, tmp_path
     sst_train = load_split(prepared / "sst-train.arrow")
     assert m["reference/sst_majority"] == reference.majority_accuracy(sst_train.labels, sst_dev.labels)
     assert all(0 <= m[k] <= 1 for k in m if k != "dev/sts_corr") and -1 <= m["dev/sts_corr"] <= 1
+
+
+def test_extra_sets_are_scored_like_the_dev_split_of_their_task(tiny_model_dir, prepared, tmp_path):
+    """The dev splits listed again as extra sets: the same numbers under eval/<name>/...; a task
+    without a probe (no para-train here) leaves its set out."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["extra_eval"] = {"sts_again": {"task": "sts", "file": "sts-dev.arrow"},
+                              "sst_again": {"task": "sst", "file": "sst-dev.arrow"},
+                              "para_again": {"task": "para", "file": "para-dev.arrow"}}
+    del manifest["splits"]["para-train"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    cfg = apply_overrides(PipelineConfig(), {"device": "cpu", "model.dir": str(tiny_model_dir),
+                                             "train.eval_batch_size": 16})
+    m = reference.run(cfg, {"data_prep": data}, tmp_path / "out", lambda metrics, step=None: None)["metrics"]
+    assert m["eval/sts_again/pearson"] == pytest.approx(m["dev/sts_corr"], abs=1e-6)
+    assert m["eval/sst_again/accuracy"] == m["dev/sst_acc"]
+    assert "eval/sst_again/macro_f1" in m and "eval/sts_again/spearman" in m
+    assert not any(k.startswith("eval/para_again/") for k in m) and "dev/para_acc" not in m
