@@ -29,10 +29,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import published, tracking
 from pipeline.bootstrap import RESAMPLES, excludes_zero
-from pipeline.constants import DEV_METRICS, METRIC, REFERENCE_STAGE
+from pipeline.constants import DEV_METRICS, EXTRA_EVAL_PREFIX as EXTRA, METRIC, REFERENCE_STAGE
 
 METRICS = DEV_METRICS
-EXTRA = "eval/"  # an extra evaluation set's metrics: eval/<name>/<metric>
 SHORT = {name: name.removeprefix("dev/") for name in DEV_METRICS}
 BASELINE = "baseline"
 UNTRAINED = "untrained"  # the row of the reference stage's run

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout: stages/ (the cache's
 TASKS = ("sst", "para", "sts")
 METRIC = "dev/overall"  # what searches maximise, tables sort by and the leaderboard picks by
 DEV_METRICS = ("dev/sst_acc", "dev/para_acc", "dev/sts_corr", METRIC)
+EXTRA_EVAL_PREFIX = "eval/"  # an extra evaluation set's metrics (data.extra_eval): eval/<name>/<metric>
 REFERENCE_STAGE = "reference"  # the stage scoring the untrained backbone: a comparison's `untrained` row
 
 # MLflow tags written on runs (stage, ablation, ... are plain names; these carry meaning across verbs).

@@ -12,7 +12,7 @@ import time
 
 from pipeline import dag, lifecycle, tracking
 from pipeline.config import dump_yaml, flatten
-from pipeline.constants import DEV_METRICS, REFERENCE_STAGE
+from pipeline.constants import DEV_METRICS, EXTRA_EVAL_PREFIX, REFERENCE_STAGE
 from pipeline.prepare import prepare
 from pipeline.store import ArtifactStore
 
@@ -66,7 +66,7 @@ def _print_summary(planned, results, store, uri, parent, cfg, seconds) -> None:
         for name in DEV_METRICS:
             if name in metrics:
                 print(f"  {name:<14} {metrics[name]:.4f}")
-    extra = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    extra = {k: v for k, v in metrics.items() if k.startswith(EXTRA_EVAL_PREFIX)}
     if extra:  # data.extra_eval
         print("extra evaluation sets:")
         for name, value in extra.items():

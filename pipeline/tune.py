@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline import dag, lifecycle, registry, tracking
 from pipeline.config import ConfigError, apply_overrides, dump_yaml, flatten, load_config
-from pipeline.constants import METRIC
+from pipeline.constants import EXTRA_EVAL_PREFIX, METRIC
 from pipeline.prepare import prepare, with_reference
 from pipeline.search_space import load_space
 from pipeline.store import ArtifactStore
@@ -184,7 +184,7 @@ def _finish_search(runs: lifecycle.Runs, ctx: TrialContext, exp_dir: Path, state
             print(f"tune: version {version} of '{ctx.cfg.tracking.experiment}' is now its 'champion' (leaderboard submits it)")
     tracking.set_tags(uri, parent, {"best_trial": best["trial_id"], "best_run_id": best["run_id"],
                                     "registered_model": f"{ctx.cfg.tracking.experiment}/{version}"})
-    tracking.log_metrics(uri, parent, {**{k: v for k, v in best["metrics"].items() if k.startswith(("dev/", "eval/"))},
+    tracking.log_metrics(uri, parent, {**{k: v for k, v in best["metrics"].items() if k.startswith(("dev/", EXTRA_EVAL_PREFIX))},
                                        "tune/seconds": seconds, "tune/trials": len(records),
                                        "tune/early_stopped": sum(r["status"] == "early_stopped" for r in records)})
     runs.end(parent)
