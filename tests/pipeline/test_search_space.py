@@ -31,6 +31,15 @@ def test_default_space_searches_what_moves_the_result_and_holds_the_shipped_reci
         apply_overrides(cfg, dict(combo))
 
 
+def test_sst_refine_space_holds_the_shipped_recipe_and_every_choice_is_valid():
+    cfg = load_config(REPO / "pipeline.yaml")
+    space = load_space(REPO / "search_spaces" / "sst_refine.yaml", cfg)
+    assert {"train.lr", "loss.weights.sst", "train.layerwise_lr_decay", "model.dropout"} <= set(space.params)
+    assert space.config_point(cfg) == {key: get(cfg, key) for key in space.params}  # --include-config
+    for value in space.params["train.data_fraction.para"].values:
+        apply_overrides(cfg, {"train.data_fraction.para": value})
+
+
 def test_loss_and_sampling_space_searches_what_users_ask_for():
     space = load_space(REPO / "search_spaces" / "loss_and_sampling.yaml", load_config(REPO / "pipeline.yaml"))
     asked = {"loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alpha_start", "train.alpha_end",
