@@ -7,7 +7,7 @@ of every task with the losses summed (summed; with train.pcgrad, the per-task gr
 through PCGrad, stages/pcgrad.py). Per task, the loss is weighted by loss.weights (and with
 loss.weighting: normalized, divided by its running mean); train.smart adds SMART's adversarial
 and proximal terms (stages/smart.py); loss.sts_mnr_epochs trains sts with a multiple-negatives
-ranking loss first. The optimizer is AdamW (layer-wise LR decay, optionally inside Lookahead),
+ranking loss first; loss.sst_label_smoothing smooths sst's cross-entropy targets. The optimizer is AdamW (layer-wise LR decay, optionally inside Lookahead),
 its lr following train.lr_schedule. train.task_epochs ends a task's training after its own
 epochs, train.data_fraction trains a task on a random part of its train split.
 After each epoch every dev split is predicted and scored; the best epoch by dev/overall is
@@ -196,7 +196,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                     rng_state = smart.capture_rng(device) if sc.enabled else None
                     with autocast(device):
                         output = model(task, batch)
-                    loss, name = model.loss(task, output, batch["labels"]), task
+                    loss, name = model.loss(task, output, batch["labels"], cfg.loss.sst_label_smoothing), task
                     objective = loss
                     if sc.enabled:
                         objective = objective + smart.smart_adversarial_loss(model, task, batch, output, sc, rng_state)

@@ -289,11 +289,13 @@ class MultitaskModel(nn.Module):
         """sts bound tanh: 2.5 * (tanh(x) + 1), in (0, 5); none: x."""
         return STS_MAX / 2 * (torch.tanh(score) + 1) if self.sts_bound == "tanh" else score
 
-    def loss(self, task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, task: str, output: torch.Tensor, labels: torch.Tensor,
+             sst_label_smoothing: float = 0.0) -> torch.Tensor:
         # The loss is computed in fp32 even when the forward pass ran under bf16 autocast.
+        # sst_label_smoothing is a training choice, not the model's: finetune passes it.
         output, labels = output.float(), labels.float()
         if task == "sst":
-            return F.cross_entropy(output, labels.long())
+            return F.cross_entropy(output, labels.long(), label_smoothing=sst_label_smoothing)
         if task == "para":
             if self.para_loss == "cosine_embedding":
                 return cosine_embedding_loss(output, torch.where(labels >= 0.5, 1.0, -1.0))

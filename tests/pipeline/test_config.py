@@ -218,6 +218,8 @@ def test_the_old_global_pair_keys_are_unknown_keys(tmp_path):
      r"loss\.sts_mnr_epochs \(1\) must be below sts's epochs \(train\.epochs / train\.task_epochs\.sts: 1\)"),
     (["loss.mnr_similarity=dot"], r"loss\.mnr_similarity: dot only acts with loss\.sts_mnr_epochs > 0"),
     (["loss.mnr_scale=5"], r"loss\.mnr_scale: 5\.0 only acts with loss\.sts_mnr_epochs > 0"),
+    (["loss.sst_label_smoothing=1"], r"loss\.sst_label_smoothing must be in \[0, 1\), got 1\.0"),
+    (["loss.sst_label_smoothing=-0.1"], r"loss\.sst_label_smoothing must be in \[0, 1\)"),
     (["train.lr_schedule=step"], r"train\.lr_schedule: expected one of \['constant', 'linear', 'cosine'\]"),
     (["train.task_epochs.para=3"], r"train\.task_epochs\.para must be in 1\.\.train\.epochs \(2\), got 3"),
     (["train.task_epochs.para=0"], r"train\.task_epochs\.para must be in 1\.\.train\.epochs"),

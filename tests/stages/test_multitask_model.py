@@ -40,6 +40,17 @@ def test_loss_hand_values(tiny_model_dir):
         model.loss("nli", torch.zeros(1), torch.zeros(1))
 
 
+def test_sst_label_smoothing_puts_eps_over_5_on_every_class(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    # logits [1, 0, 0, 0, 0], gold 0, eps 0.1: the target is 0.92 on class 0 and 0.02 on the others, so
+    # the loss is 0.92 * (ln(e + 4) - 1) + 4 * 0.02 * ln(e + 4)
+    logits, gold = torch.tensor([[1.0, 0, 0, 0, 0]]), torch.tensor([0])
+    smoothed = model.loss("sst", logits, gold, sst_label_smoothing=0.1)
+    log_z = math.log(math.e + 4)
+    assert smoothed.item() == pytest.approx(0.92 * (log_z - 1) + 0.08 * log_z, rel=1e-6)
+    assert model.loss("sst", logits, gold).item() == pytest.approx(log_z - 1, rel=1e-6)  # 0: plain
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_forward_is_the_heads_on_separately_pooled_sentences(tiny_model_dir, pooling):
     model = _model(tiny_model_dir, pooling)
