@@ -251,8 +251,7 @@ class LossConfig:
     # The MNR logits are scale * similarity; null: 20 for cosine (SBERT's default), 1 for dot
     # (the logits are the dot products themselves).
     mnr_scale: float | None = None
-    # Label smoothing of sst's cross-entropy (torch's label_smoothing): the target puts 1 - eps on
-    # the label and eps/5 on every class. 0: plain cross-entropy.
+    # sst's cross-entropy label smoothing (torch's): target 1 - eps on the label + eps/5 on each.
     sst_label_smoothing: float = 0.0
 
 
