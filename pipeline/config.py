@@ -201,9 +201,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
-    # The lr over the run, after a linear warmup over warmup_ratio of the steps: constant (the
-    # CS224N starter's, with warmup_ratio 0), linear decay to 0 at the last step, or cosine
-    # decay to 0 (half a cosine period).
+    # The lr after a linear warmup over warmup_ratio of the steps: constant (the CS224N starter's,
+    # with warmup_ratio 0), linear decay to 0 at the last step, or cosine (half a period) to 0.
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     # Which task(s) a step trains: round_robin (one task per step, in turn), proportional
     # (p_i ~ N_i), annealed (p_i ~ N_i^alpha), summed (a batch of every task, losses summed
@@ -225,6 +224,7 @@ class TrainConfig:
     lookahead: bool = False  # Lookahead (Zhang et al. 2019) around AdamW
     lookahead_k: int = 5
     lookahead_alpha: float = 0.5
+    ema_decay: float = 0.0  # > 0: each epoch end scores and saves an EMA of the weights; 0: off
     smart: SmartConfig = field(default_factory=lambda: SmartConfig())
     # Steps between resumable checkpoints (also written at each epoch end; 0: epoch ends only).
     # A killed run re-run with the same config continues from the last one. Not in the cache key.

@@ -183,6 +183,8 @@ def _check_technique_combinations(cfg, where: str) -> None:
         raise ConfigError(f"{where}: train.layerwise_lr_decay has no effect with model.freeze_encoder: true")
     if not 0 < t.layerwise_lr_decay <= 1:
         raise ConfigError(f"{where}: train.layerwise_lr_decay must be in (0, 1], got {t.layerwise_lr_decay}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.lookahead and (t.lookahead_k < 1 or not 0 < t.lookahead_alpha < 1):
         raise ConfigError(f"{where}: train.lookahead_k must be >= 1 and train.lookahead_alpha in (0, 1) "
                           f"(alpha 1 is plain AdamW)")

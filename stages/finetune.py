@@ -7,9 +7,11 @@ of every task with the losses summed (summed; with train.pcgrad, the per-task gr
 through PCGrad, stages/pcgrad.py). Per task, the loss is weighted by loss.weights (and with
 loss.weighting: normalized, divided by its running mean); train.smart adds SMART's adversarial
 and proximal terms (stages/smart.py); loss.sts_mnr_epochs trains sts with a multiple-negatives
-ranking loss first; loss.sst_label_smoothing smooths sst's cross-entropy targets. The optimizer is AdamW (layer-wise LR decay, optionally inside Lookahead),
-its lr following train.lr_schedule. train.task_epochs ends a task's training after its own
-epochs, train.data_fraction trains a task on a random part of its train split.
+ranking loss first; loss.sst_label_smoothing smooths sst's cross-entropy targets. The optimizer
+is AdamW (layer-wise LR decay, optionally inside Lookahead), its lr following train.lr_schedule.
+train.task_epochs ends a task's training after its own epochs, train.data_fraction trains a task
+on a random part of its train split. With train.ema_decay, torch's AveragedModel keeps an
+exponential moving average of the weights, and that average is what each epoch end scores and saves.
 After each epoch every dev split is predicted and scored; the best epoch by dev/overall is
 saved to out/model (encoder as a HuggingFace BERT folder + heads), and out/history.json keeps
 the per-epoch metrics. Starts from mlm_pretrain's model when that stage ran, else cfg.model.dir.
@@ -126,6 +128,13 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     # MNR logits: scale * similarity; the scale's default depends on the similarity (config.py)
     mnr_scale = cfg.loss.mnr_scale or (MNR_DOT_SCALE if cfg.loss.mnr_similarity == "dot" else MNR_COSINE_SCALE)
     proximal = smart.make_proximal_copy(model) if sc.enabled and sc.proximal_weight > 0 else None
+    # train.ema_decay: after every optimizer step ema = decay * ema + (1 - decay) * weights (the
+    # first step copies them); the encoder's buffers are not trained, so they are not averaged.
+    ema = None
+    if tc.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay))
 
     # ---- resume: `out` holds a checkpoint of this same run (a killed earlier attempt)
     history = []
@@ -144,6 +153,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         scheduler.load_state_dict(saved["scheduler"])
         if proximal is not None:
             proximal.load_state_dict(saved["proximal"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         if loss_scale is not None:
             loss_scale.means = dict(saved["loss_scale"])
         checkpoint.restore_rng(saved["rng"], {"plan": rng})
@@ -158,6 +169,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             "fingerprint": fingerprint, "resume_at": at, "epoch_progress": progress,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "proximal": proximal.state_dict() if proximal is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             "loss_scale": dict(loss_scale.means) if loss_scale is not None else None,
             "rng": checkpoint.rng_state({"plan": rng}), "history": history, "best": best,
             "total_examples": total_examples, "total_seconds": total_seconds})
@@ -222,6 +234,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if proximal is not None:
                 smart.update_proximal(proximal, model, sc.proximal_beta)
+            if ema is not None:
+                ema.update_parameters(model)
 
             elapsed = time.perf_counter() - start
             progress.update(done, f"{(examples - examples_before) / elapsed:.1f} ex/s" if elapsed > 0 else "",
@@ -234,7 +248,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         total_examples += examples
         total_seconds += seconds
 
-        preds = {t: predict(model, t, s, tc.eval_batch_size, device) for t, s in dev.items() if s.labels is not None}
+        scored = ema.module if ema is not None else model  # the model this epoch is scored and saved as
+        preds = {t: predict(scored, t, s, tc.eval_batch_size, device) for t, s in dev.items() if s.labels is not None}
         golds = {t: np.asarray(dev[t].labels) for t in preds}
         metrics = {f"train/loss_{name}": loss_sums[name] / loss_counts[name] for name in loss_sums}
         metrics["train/examples_per_s"] = examples / seconds if seconds > 0 else 0.0
@@ -251,7 +266,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         saved_best = best is None or score is None or score > best[0]
         if saved_best:
             best = (score, epoch)
-            _save_atomically(model, out / "model", encoder_dir)
+            _save_atomically(scored, out / "model", encoder_dir)
         print(_epoch_line(epoch, tc.epochs, metrics, saved_best and score is not None and tc.epochs > 1), flush=True)
         save_checkpoint((epoch + 1, 0), None)
 

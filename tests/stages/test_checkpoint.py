@@ -105,6 +105,8 @@ FINETUNE_SETUPS = {
     # part of sst's rows (24: 2 batches) and para in epoch 1 only: epoch 1 has 2 + 3 + 3 = 8 steps
     "recipe_switches": {"model.para.encoding": "concat", "model.sts.head": "hybrid", "train.lr_schedule": "cosine",
                         "train.data_fraction.sst": 0.5, "train.task_epochs.para": 1},
+    # the weight average (its own state, what is scored and saved)
+    "ema": {"train.ema_decay": 0.9},
 }
 
 

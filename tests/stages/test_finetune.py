@@ -453,3 +453,33 @@ def test_mnr_scored_by_dot_product_gets_scale_1(monkeypatch, prepared, shared_da
                                                    "loss.mnr_similarity": "dot", "train.sampling": "round_robin"})
     _run(cfg, prepared, tmp_path)
     assert calls and set(calls) == {(1.0, "dot")}
+
+
+def test_ema_scores_and_saves_the_moving_average_of_the_weights(monkeypatch, prepared, shared_data_dir,
+                                                                tiny_model_dir, tmp_path):
+    # The weights after each of the epoch's 9 optimizer steps, folded here by hand into
+    # e_1 = w_1, e_t = d * e_(t-1) + (1 - d) * w_t: that is the model the run must save and score.
+    decay = 0.8
+    built, after_step = [], []
+    real_build = finetune.build_model
+    monkeypatch.setattr(finetune, "build_model", lambda *a: built.append(real_build(*a)) or built[-1])
+    handle = register_optimizer_step_post_hook(
+        lambda *_: after_step.append({n: p.detach().clone() for n, p in built[0].named_parameters()}))
+    try:
+        cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.epochs": 1, "train.ema_decay": decay})
+        _, logged = _run(cfg, prepared, tmp_path)
+    finally:
+        handle.remove()
+    assert len(after_step) == 9
+    expected = dict(after_step[0])
+    for weights in after_step[1:]:
+        expected = {n: decay * expected[n] + (1 - decay) * w for n, w in weights.items()}
+
+    saved = dict(load_multitask(tmp_path / "model").named_parameters())
+    assert saved.keys() == expected.keys()
+    assert all(torch.allclose(saved[n], expected[n], atol=1e-6) for n in expected)
+    moved = [n for n in expected if not torch.allclose(expected[n], after_step[-1][n], atol=1e-6)]
+    assert moved  # the average is not the last step's weights
+    sst_dev = load_split(prepared / "sst-dev.arrow")
+    preds = predict(load_multitask(tmp_path / "model"), "sst", sst_dev, 64, "cpu")
+    assert np.mean(preds == sst_dev.labels) == pytest.approx(logged[0][1]["dev/sst_acc"])
