@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import checkpoint, smart
 from stages.batches import bucketed_batches, load_split
@@ -130,11 +131,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     proximal = smart.make_proximal_copy(model) if sc.enabled and sc.proximal_weight > 0 else None
     # train.ema_decay: after every optimizer step ema = decay * ema + (1 - decay) * weights (the
     # first step copies them); the encoder's buffers are not trained, so they are not averaged.
-    ema = None
-    if tc.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay > 0 else None
 
     # ---- resume: `out` holds a checkpoint of this same run (a killed earlier attempt)
     history = []

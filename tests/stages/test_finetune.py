@@ -475,11 +475,12 @@ def test_ema_scores_and_saves_the_moving_average_of_the_weights(monkeypatch, pre
     for weights in after_step[1:]:
         expected = {n: decay * expected[n] + (1 - decay) * w for n, w in weights.items()}
 
-    saved = dict(load_multitask(tmp_path / "model").named_parameters())
+    saved_model = load_multitask(tmp_path / "model")
+    saved = dict(saved_model.named_parameters())
     assert saved.keys() == expected.keys()
     assert all(torch.allclose(saved[n], expected[n], atol=1e-6) for n in expected)
     moved = [n for n in expected if not torch.allclose(expected[n], after_step[-1][n], atol=1e-6)]
     assert moved  # the average is not the last step's weights
     sst_dev = load_split(prepared / "sst-dev.arrow")
-    preds = predict(load_multitask(tmp_path / "model"), "sst", sst_dev, 64, "cpu")
+    preds = predict(saved_model, "sst", sst_dev, 64, "cpu")
     assert np.mean(preds == sst_dev.labels) == pytest.approx(logged[0][1]["dev/sst_acc"])
