@@ -248,11 +248,11 @@ class LossConfig:
     sts_mnr_epochs: int = 0
     # How MNR scores a pair (u_i, v_j): cosine (SBERT's default) or dot, the raw u_i . v_j.
     mnr_similarity: Literal["cosine", "dot"] = "cosine"
-    # The MNR logits are scale * similarity; null: 20 for cosine (SBERT's default), 1 for dot
-    # (the logits are the dot products themselves).
-    mnr_scale: float | None = None
-    # sst's cross-entropy label smoothing (torch's): target 1 - eps on the label + eps/5 on each.
-    sst_label_smoothing: float = 0.0
+    mnr_scale: float | None = None  # MNR logits = scale x similarity; null: 20 (cosine, SBERT's), 1 (dot)
+    sst_label_smoothing: float = 0.0  # torch's: sst's target 1 - eps on the label + eps/5 on each class
+    # R-Drop (Liang et al. 2021): each sst batch goes forward twice (two dropout masks); the loss is
+    # the two cross-entropies' mean + sst_rdrop x the symmetric KL of the two predictions. 0: off.
+    sst_rdrop: float = 0.0
 
 
 @dataclass

@@ -159,6 +159,8 @@ def _check_technique_combinations(cfg, where: str) -> None:
                 raise ConfigError(f"{where}: {key}: {value} only acts with loss.sts_mnr_epochs > 0")
     if not 0.0 <= loss.sst_label_smoothing < 1.0:
         raise ConfigError(f"{where}: loss.sst_label_smoothing must be in [0, 1), got {loss.sst_label_smoothing}")
+    if loss.sst_rdrop < 0:
+        raise ConfigError(f"{where}: loss.sst_rdrop must be >= 0 (0: off), got {loss.sst_rdrop}")
     if loss.mnr_scale is not None and loss.mnr_scale <= 0:
         raise ConfigError(f"{where}: loss.mnr_scale must be > 0 (null: 20 for cosine, 1 for dot), got {loss.mnr_scale}")
     # Per-task epochs and train fractions.

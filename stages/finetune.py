@@ -7,7 +7,8 @@ of every task with the losses summed (summed; with train.pcgrad, the per-task gr
 through PCGrad, stages/pcgrad.py). Per task, the loss is weighted by loss.weights (and with
 loss.weighting: normalized, divided by its running mean); train.smart adds SMART's adversarial
 and proximal terms (stages/smart.py); loss.sts_mnr_epochs trains sts with a multiple-negatives
-ranking loss first; loss.sst_label_smoothing smooths sst's cross-entropy targets. The optimizer
+ranking loss first; loss.sst_label_smoothing smooths sst's cross-entropy targets, loss.sst_rdrop
+adds R-Drop's consistency term between two dropout passes of each sst batch. The optimizer
 is AdamW (layer-wise LR decay, optionally inside Lookahead), its lr following train.lr_schedule.
 train.task_epochs ends a task's training after its own epochs, train.data_fraction trains a task
 on a random part of its train split. With train.ema_decay, torch's AveragedModel keeps an
@@ -207,6 +208,12 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                         output = model(task, batch)
                     loss, name = model.loss(task, output, batch["labels"], cfg.loss.sst_label_smoothing), task
                     objective = loss
+                    if task == "sst" and cfg.loss.sst_rdrop > 0:
+                        # R-Drop: a second pass draws other dropout masks; the KL pulls the two predictions together
+                        with autocast(device):
+                            second = model(task, batch)
+                        loss = (loss + model.loss(task, second, batch["labels"], cfg.loss.sst_label_smoothing)) / 2
+                        objective = loss + cfg.loss.sst_rdrop * symmetric_kl(output, second)
                     if sc.enabled:
                         objective = objective + smart.smart_adversarial_loss(model, task, batch, output, sc, rng_state)
                         if proximal is not None:
@@ -301,6 +308,14 @@ def _load_splits(data_dir: Path, split: str) -> dict:
             raise FileNotFoundError(f"{path}: listed in {manifest_path} under '{key}' but missing")
         splits[task] = load_split(path)
     return splits
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """(KL(p_a || p_b) + KL(p_b || p_a)) / 2 of the softmaxes, averaged over the batch (R-Drop's term)."""
+    log_a, log_b = torch.log_softmax(logits_a.float(), -1), torch.log_softmax(logits_b.float(), -1)
+    kl_ab = torch.nn.functional.kl_div(log_b, log_a, reduction="batchmean", log_target=True)  # KL(p_a || p_b)
+    kl_ba = torch.nn.functional.kl_div(log_a, log_b, reduction="batchmean", log_target=True)
+    return (kl_ab + kl_ba) / 2
 
 
 def _loss_summary(loss_sums: dict, loss_counts: dict) -> str:

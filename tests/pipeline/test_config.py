@@ -220,6 +220,7 @@ def test_the_old_global_pair_keys_are_unknown_keys(tmp_path):
     (["loss.mnr_scale=5"], r"loss\.mnr_scale: 5\.0 only acts with loss\.sts_mnr_epochs > 0"),
     (["loss.sst_label_smoothing=1"], r"loss\.sst_label_smoothing must be in \[0, 1\), got 1\.0"),
     (["loss.sst_label_smoothing=-0.1"], r"loss\.sst_label_smoothing must be in \[0, 1\)"),
+    (["loss.sst_rdrop=-1"], r"loss\.sst_rdrop must be >= 0 \(0: off\), got -1\.0"),
     (["train.ema_decay=1"], r"train\.ema_decay must be in \[0, 1\), got 1\.0"),
     (["train.lr_schedule=step"], r"train\.lr_schedule: expected one of \['constant', 'linear', 'cosine'\]"),
     (["train.task_epochs.para=3"], r"train\.task_epochs\.para must be in 1\.\.train\.epochs \(2\), got 3"),

@@ -484,3 +484,43 @@ def test_ema_scores_and_saves_the_moving_average_of_the_weights(monkeypatch, pre
     sst_dev = load_split(prepared / "sst-dev.arrow")
     preds = predict(saved_model, "sst", sst_dev, 64, "cpu")
     assert np.mean(preds == sst_dev.labels) == pytest.approx(logged[0][1]["dev/sst_acc"])
+
+
+def test_symmetric_kl_by_hand():
+    # row 1: p_a = softmax([0, ln 3]) = [1/4, 3/4], p_b = [1/2, 1/2]; row 2: equal logits, KL 0.
+    a = torch.tensor([[0.0, math.log(3)], [1.0, 2.0]])
+    b = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    kl_ab = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    kl_ba = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert finetune.symmetric_kl(a, b).item() == pytest.approx((kl_ab + kl_ba) / 2 / 2, rel=1e-6)
+    assert finetune.symmetric_kl(b, a).item() == pytest.approx(finetune.symmetric_kl(a, b).item(), rel=1e-6)
+
+
+def test_rdrop_compares_two_dropout_passes_of_every_sst_batch(monkeypatch, prepared, shared_data_dir, tiny_model_dir,
+                                                              tmp_path):
+    sst_batches, kl_inputs = [], []
+    real_batch, real_kl = finetune.make_batch, finetune.symmetric_kl
+
+    def counting_batch(task, *args):
+        sst_batches.extend([task] if task == "sst" else [])
+        return real_batch(task, *args)
+    monkeypatch.setattr(finetune, "make_batch", counting_batch)
+    monkeypatch.setattr(finetune, "symmetric_kl", lambda a, b: kl_inputs.append((a.detach(), b.detach())) or real_kl(a, b))
+    overrides = {"train.epochs": 1, "train.sampling": "annealed"}
+    _, logged = _run(_cfg(shared_data_dir, tiny_model_dir, **overrides, **{"loss.sst_rdrop": 1.0}), prepared, tmp_path / "on")
+    assert len(kl_inputs) == len(sst_batches) > 0  # once per sst batch, never for para or sts
+    assert all(not torch.allclose(a, b) for a, b in kl_inputs)  # the two passes drew different dropout masks
+    _, plain = _run(_cfg(shared_data_dir, tiny_model_dir, **overrides), prepared, tmp_path / "off")
+    assert logged[-1][1]["dev/sst_acc"] != plain[-1][1]["dev/sst_acc"] or \
+        logged[-1][1]["train/loss_sst"] != plain[-1][1]["train/loss_sst"]
+
+    # Without dropout both passes are the same: KL 0 and the mean of two equal cross-entropies, so
+    # the run is the plain run (its second forward only costs time).
+    no_dropout = {**overrides, "model.dropout": 0.0}
+    kl_inputs.clear()
+    _run(_cfg(shared_data_dir, tiny_model_dir, **no_dropout, **{"loss.sst_rdrop": 1.0}), prepared, tmp_path / "on0")
+    _run(_cfg(shared_data_dir, tiny_model_dir, **no_dropout), prepared, tmp_path / "off0")
+    assert kl_inputs and all(torch.equal(a, b) for a, b in kl_inputs)
+    on0 = dict(load_multitask(tmp_path / "on0" / "model").named_parameters())
+    off0 = dict(load_multitask(tmp_path / "off0" / "model").named_parameters())
+    assert all(torch.allclose(on0[n], off0[n], atol=1e-6) for n in off0)
