@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
+from pipeline import lifecycle
 from pipeline.config import ConfigError
 from pipeline.lifecycle import TrackingUnreachable
 
@@ -34,6 +36,7 @@ VERBS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    signal.signal(signal.SIGTERM, lifecycle.interrupt_on_sigterm)  # kill ends a verb as Ctrl-C does
     if argv[:1] == ["submit"]:  # its own parser: the remote verb's arguments follow it verbatim
         return _exit_status(lambda: importlib.import_module(VERBS["submit"]).main(argv[1:]))
     args = _parser().parse_args(argv)
@@ -42,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_status(command) -> int:
     """Run a verb; what stopped it, as one line on stderr and the exit status: 2 for a config
-    error, 3 for an unreachable MLflow server, 1 for a failed stage, 130 for Ctrl-C. (The verb
-    has already ended its MLflow runs FAILED or KILLED on the way out.)"""
+    error, 3 for an unreachable MLflow server, 1 for a failed stage, 130 for Ctrl-C, 143 for
+    SIGTERM. (The verb has already ended its MLflow runs FAILED or KILLED on the way out.)"""
     from pipeline.dag import StageFailed
 
     try:
@@ -58,8 +61,9 @@ def _exit_status(command) -> int:
         print(f"\nerror: {e}\nfinished stages stay cached: the same command continues from them", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; finished stages stay cached: the same command continues from them", file=sys.stderr)
-        return 130
+        how = lifecycle.interruption()
+        print(f"\n{how}; finished stages stay cached: the same command continues from them", file=sys.stderr)
+        return 143 if how == lifecycle.TERMINATED else 130
 
 
 def _parser() -> argparse.ArgumentParser:

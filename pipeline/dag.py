@@ -19,7 +19,9 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -272,11 +274,14 @@ def init_ray(address: str | None, num_cpus: int | None):
         # A local Ray's workers import stages/ from this checkout; a cluster job brings its
         # own working_dir (see `pipeline submit`), so it keeps the job's runtime_env.
         env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}} if local else None
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False,
                      logging_level="WARNING", log_to_driver=True, runtime_env=env)
         except ConnectionError as e:  # no cluster at that address: say which setting named it
             raise ConfigError(f"ray.address (or RAY_ADDRESS) {address}: {e}") from None
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)  # ray.init's own calls sys.exit: keep the CLI's (runs end KILLED)
     return ray
 
 

@@ -35,6 +35,26 @@ class TrackingUnreachable(RuntimeError):
     """The MLflow server does not answer and tracking.on_unreachable is `error` (exit status 3)."""
 
 
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+TERMINATED = "terminated (SIGTERM)"
+_sigterm_received = False
+
+
+def interrupt_on_sigterm(signum, frame) -> None:
+    """The CLI's SIGTERM handler (`kill`, `ray job stop`, a scheduler's time limit): a
+    KeyboardInterrupt, so the command ends as after Ctrl-C, its runs KILLED, finished stages
+    cached. Ray's ray.get re-raises it as a plain KeyboardInterrupt: a flag says what it was."""
+    global _sigterm_received
+    _sigterm_received = True
+    raise KeyboardInterrupt(TERMINATED)
+
+
+def interruption() -> str:
+    """What the KeyboardInterrupt that stopped this command was: Ctrl-C or SIGTERM."""
+    return TERMINATED if _sigterm_received else "interrupted"
+
+
 def tracking_uri_for(cfg, config_dir: Path, chosen: str | None = None) -> str:
     """The MLflow store to log to (`chosen`, else MLFLOW_TRACKING_URI, else tracking.uri, else
     mlruns/mlflow.db beside the config), checked before anything runs. A server that does not
@@ -119,7 +139,7 @@ def opened_runs(uri: str, experiment: str) -> Iterator[Runs]:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         if runs.open:
             first = runs.open[0]
-            runs.end_all(status, e)
+            runs.end_all(status, TERMINATED if _sigterm_received else e)
             print(f"MLflow: run {first} and the {status.lower()} runs under it marked {status}", file=sys.stderr)
         raise
     runs.end_all("FINISHED")

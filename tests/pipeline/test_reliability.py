@@ -269,6 +269,25 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_the_uninterrupted_metrics(refere
     assert not list((work / "artifacts" / "finetune").glob("*/checkpoint"))
 
 
+def test_sigterm_mid_finetune_ends_the_runs_killed_as_ctrl_c_does(tmp_path, shared_data_dir):
+    # kill, `ray job stop` and schedulers send SIGTERM; Ray's own handler would end the runs FAILED
+    work = make_workdir(tmp_path, "sigterm", shared_data_dir)
+    proc = start_cli(work, *LONG_FINETUNE)
+    wait_for("artifacts/finetune/.*.partial/checkpoint/state.pt", work, proc)
+    proc.send_signal(signal.SIGTERM)  # the CLI only, as `kill PID` does
+    done = finish(proc)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert "terminated (SIGTERM); finished stages stay cached" in done.stderr
+    _, runs = mlflow_runs(work, "reliability")
+    parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
+    children = children_of(runs, parent)
+    assert parent.info.status == "KILLED" and parent.data.tags["error"] == "terminated (SIGTERM)"
+    assert children["finetune"].info.status == "KILLED" and children["evaluate"].info.status == "KILLED"
+    assert children["data_prep"].info.status == "FINISHED"
+    assert list((work / "artifacts" / "data_prep").glob("*/_SUCCESS"))
+    assert not list((work / "artifacts" / "finetune").glob("*/_SUCCESS"))
+
+
 def test_killed_ray_worker_is_retried_with_the_attempt_recorded(reference, tmp_path, shared_data_dir):
     ref_work, _, _ = reference
     work = make_workdir(tmp_path, "retry", shared_data_dir)
