@@ -5,7 +5,9 @@ optimizer and schedule, then the epoch loop. Which task(s) a step trains comes f
 stages.samplers: one task per step (round robin, proportional, annealed, sequential) or a batch
 of every task with the losses summed (summed; with train.pcgrad, the per-task gradients go
 through PCGrad, stages/pcgrad.py). Per task, the loss is weighted by loss.weights (and with
-loss.weighting: normalized, divided by its running mean); train.smart adds SMART's adversarial
+loss.weighting: normalized, divided by its running mean); a one-task step whose gradient is clipped
+to train.grad_clip comes out the same whatever its weight, so train/clipped_<task> logs how often
+that happened (and the epoch end says so when loss.weights differ); train.smart adds SMART's adversarial
 and proximal terms (stages/smart.py); loss.sts_mnr_epochs trains sts with a multiple-negatives
 ranking loss first; loss.sst_label_smoothing smooths sst's cross-entropy targets, loss.sst_rdrop
 adds R-Drop's consistency term between two dropout passes of each sst batch. The optimizer
@@ -181,9 +183,11 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         model.train()
         mnr_epoch = epoch <= cfg.loss.sts_mnr_epochs
         loss_sums, loss_counts = {}, {}
+        clipped, clip_steps = {}, {}  # per task: its steps whose gradient norm was over train.grad_clip, of all
         examples, seconds_before = 0, 0.0
         if first_step and epoch_progress:
             loss_sums, loss_counts = dict(epoch_progress["loss_sums"]), dict(epoch_progress["loss_counts"])
+            clipped, clip_steps = dict(epoch_progress["clipped"]), dict(epoch_progress["clip_steps"])
             examples, seconds_before = epoch_progress["examples"], epoch_progress["seconds"]
         start = time.perf_counter()
         examples_before = examples  # a resumed epoch's examples were not seen in this attempt's time
@@ -232,7 +236,10 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             else:
                 sum(task_losses.values()).backward()
             if tc.grad_clip and tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+                for task in task_losses:  # a tensor sum: no device sync per step
+                    clipped[task] = clipped.get(task, 0) + (norm > tc.grad_clip).int()
+                    clip_steps[task] = clip_steps.get(task, 0) + 1
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -246,6 +253,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                             _loss_summary(loss_sums, loss_counts))
             if tc.checkpoint_every and (steps_before + done) % tc.checkpoint_every == 0 and done < len(steps):
                 save_checkpoint((epoch, done), {"loss_sums": loss_sums, "loss_counts": loss_counts, "examples": examples,
+                                                "clipped": {t: int(n) for t, n in clipped.items()},
+                                                "clip_steps": clip_steps,
                                                 "seconds": seconds_before + time.perf_counter() - start})
         progress.close()
         seconds = seconds_before + time.perf_counter() - start
@@ -256,6 +265,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         preds = {t: predict(scored, t, s, tc.eval_batch_size, device) for t, s in dev.items() if s.labels is not None}
         golds = {t: np.asarray(dev[t].labels) for t in preds}
         metrics = {f"train/loss_{name}": loss_sums[name] / loss_counts[name] for name in loss_sums}
+        metrics.update({f"train/clipped_{t}": int(clipped[t]) / clip_steps[t] for t in TASKS if clip_steps.get(t)})
         metrics["train/examples_per_s"] = examples / seconds if seconds > 0 else 0.0
         metrics["train/lr"] = scheduler.get_last_lr()[-1]  # the last group's: the heads, at train.lr
         if tc.sampling == "annealed":
@@ -272,6 +282,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             best = (score, epoch)
             _save_atomically(scored, out / "model", encoder_dir)
         print(_epoch_line(epoch, tc.epochs, metrics, saved_best and score is not None and tc.epochs > 1), flush=True)
+        if tc.sampling != "summed" and len(set(weights.values())) > 1 and clip_steps:
+            print(_clipping_line(metrics, tc.grad_clip), flush=True)
         save_checkpoint((epoch + 1, 0), None)
 
     result_metrics = {"best/epoch": float(best[1]),
@@ -333,6 +345,15 @@ def _epoch_line(epoch: int, epochs: int, metrics: dict, best: bool) -> str:
     names = {"dev/sst_acc": "sst", "dev/para_acc": "para", "dev/sts_corr": "sts", "dev/overall": "overall"}
     scores = " ".join(f"{short} {metrics[key]:.3f}" for key, short in names.items() if key in metrics)
     return f"finetune: epoch {epoch}/{epochs}: {scores or 'no dev split to score'}{' (best)' if best else ''}"
+
+
+def _clipping_line(metrics: dict, grad_clip: float) -> str:
+    """With one task per step, clipping a step's gradient to norm grad_clip undoes that task's
+    loss weight: e.g. "finetune: gradients clipped to train.grad_clip 1.0 on sst 100%, para 88%,
+    sts 100% of their steps; on those, loss.weights changed nothing"."""
+    shares = ", ".join(f"{t} {metrics[f'train/clipped_{t}']:.0%}" for t in TASKS if f"train/clipped_{t}" in metrics)
+    return (f"finetune: gradients clipped to train.grad_clip {grad_clip:g} on {shares} of their steps; "
+            f"on those, loss.weights changed nothing")
 
 
 def _fused_adamw(device: torch.device) -> bool:

@@ -526,3 +526,25 @@ def test_rdrop_compares_two_dropout_passes_of_every_sst_batch(monkeypatch, prepa
     on0 = dict(load_multitask(tmp_path / "on0" / "model").named_parameters())
     off0 = dict(load_multitask(tmp_path / "off0" / "model").named_parameters())
     assert all(torch.allclose(on0[n], off0[n], atol=1e-6) for n in off0)
+
+
+def test_clipped_share_per_task_is_the_steps_whose_gradient_norm_was_over_grad_clip(
+        prepared, shared_data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    steps = []  # (task, pre-clip norm) of each training step: one task per step (annealed)
+    real_batch, real_clip = finetune.make_batch, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(finetune, "make_batch", lambda task, *a, **k: steps.append([task]) or real_batch(task, *a, **k))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: steps[-1].append(float(norm := real_clip(params, max_norm))) or norm)
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.epochs": 1, "train.grad_clip": 10.0,
+                                                   "loss.weights.sst": 2.5})
+    _run(cfg, prepared, tmp_path)
+    trained = [s for s in steps if len(s) == 2]  # dev predictions come after the epoch's steps and are not clipped
+    history = json.loads((tmp_path / "history.json").read_text())
+    shares = {t: history[0][f"train/clipped_{t}"] for t in ("sst", "para", "sts")}
+    for task, share in shares.items():
+        norms = [n for t, n in trained if t == task]
+        assert norms and share == sum(n > 10.0 for n in norms) / len(norms)
+    assert min(shares.values()) < max(shares.values())  # counted per task (here sst and sts 1.0, para 0.0)
+    assert f"gradients clipped to train.grad_clip 10 on sst {shares['sst']:.0%}, para" in capsys.readouterr().out
+    _run(apply_overrides(cfg, {"loss.weights.sst": 1.0}), prepared, tmp_path / "equal")
+    assert "gradients clipped" not in capsys.readouterr().out  # equal weights: nothing was undone
