@@ -349,7 +349,7 @@ def _epoch_line(epoch: int, epochs: int, metrics: dict, best: bool) -> str:
 
 def _clipping_line(metrics: dict, grad_clip: float) -> str:
     """With one task per step, clipping a step's gradient to norm grad_clip undoes that task's
-    loss weight: e.g. "finetune: gradients clipped to train.grad_clip 1.0 on sst 100%, para 88%,
+    loss weight: e.g. "finetune: gradients clipped to train.grad_clip 1 on sst 100%, para 88%,
     sts 100% of their steps; on those, loss.weights changed nothing"."""
     shares = ", ".join(f"{t} {metrics[f'train/clipped_{t}']:.0%}" for t in TASKS if f"train/clipped_{t}" in metrics)
     return (f"finetune: gradients clipped to train.grad_clip {grad_clip:g} on {shares} of their steps; "
