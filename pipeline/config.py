@@ -200,7 +200,8 @@ class TrainConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the gradient's norm limit per step; 0: off
+    weighted_clip: bool = False  # one task per step: limit grad_clip x the task's loss weight, so clipping keeps the weight
     # The lr after a linear warmup over warmup_ratio of the steps: constant (the CS224N starter's,
     # with warmup_ratio 0), linear decay to 0 at the last step, or cosine (half a period) to 0.
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
@@ -211,9 +212,8 @@ class TrainConfig:
     alpha_start: float = 1.0  # annealed sampling: p_i ~ N_i^alpha, alpha start -> end
     alpha_end: float = 0.2
     steps_per_epoch: int | None = None  # null: every task's batches once (round robin: smallest task)
-    # Per task, how many of the run's train.epochs it trains in (the first ones); null: all. A
-    # task whose epochs are used up is left out of the later epochs' batch plans, e.g.
-    # {para: 1} with epochs 5: Quora in epoch 1 only, SST and STS in all five.
+    # Per task, how many of the run's train.epochs it trains in (the first ones); null: all; e.g.
+    # {para: 1} with epochs 5: Quora in epoch 1's batch plan only, SST and STS in all five.
     task_epochs: TaskEpochs = field(default_factory=lambda: TaskEpochs())
     # Per task, the share of its train split finetune trains on: a random subset of
     # round(fraction * rows) rows drawn from the seed, the same in every epoch. Dev splits are

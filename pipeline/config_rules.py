@@ -118,6 +118,10 @@ def _check_technique_combinations(cfg, where: str) -> None:
         raise ConfigError(f"{where}: model.head_layers must be 1 or 3, got {m.head_layers}")
     if m.pals.enabled and (m.pals.size <= 0 or m.pals.heads <= 0 or m.pals.size % m.pals.heads):
         raise ConfigError(f"{where}: model.pals.size ({m.pals.size}) must be a positive multiple of model.pals.heads ({m.pals.heads})")
+    if t.weighted_clip and (t.sampling == "summed" or not t.grad_clip > 0):
+        raise ConfigError(f"{where}: train.weighted_clip scales a one-task step's clipping limit by its loss weight: "
+                          f"it needs train.grad_clip > 0 and a sampling with one task per step, not "
+                          f"grad_clip {t.grad_clip}, sampling {t.sampling}")
     if t.pcgrad and t.sampling != "summed":
         raise ConfigError(f"{where}: train.pcgrad needs train.sampling: summed (every task's gradient in one step); "
                           f"with {t.sampling} a step holds one task's gradient, so there is nothing to project")

@@ -7,7 +7,8 @@ of every task with the losses summed (summed; with train.pcgrad, the per-task gr
 through PCGrad, stages/pcgrad.py). Per task, the loss is weighted by loss.weights (and with
 loss.weighting: normalized, divided by its running mean); a one-task step whose gradient is clipped
 to train.grad_clip comes out the same whatever its weight, so train/clipped_<task> logs how often
-that happened (and the epoch end says so when loss.weights differ); train.smart adds SMART's adversarial
+that happened (and the epoch end says so when loss.weights differ), and train.weighted_clip makes
+the limit grad_clip x the weight; train.smart adds SMART's adversarial
 and proximal terms (stages/smart.py); loss.sts_mnr_epochs trains sts with a multiple-negatives
 ranking loss first; loss.sst_label_smoothing smooths sst's cross-entropy targets, loss.sst_rdrop
 adds R-Drop's consistency term between two dropout passes of each sst batch. The optimizer
@@ -194,6 +195,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         progress = Progress(f"finetune epoch {epoch}/{tc.epochs}", total=len(steps), initial=first_step)
         for done, step in enumerate(steps[first_step:], start=first_step + 1):
             task_losses = {}  # task -> the loss that task's gradient comes from (weighted)
+            limit = tc.grad_clip  # the step's clipping limit (train.weighted_clip: x its one task's weight, below)
             for task, idx in step:
                 batch = make_batch(task, train[task], idx, device, encodings[task])
                 if task == "sts" and mnr_epoch:
@@ -225,6 +227,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                 value = loss.item()
                 scale = weights[task] / loss_scale(name, value) if loss_scale else weights[task]
                 task_losses[task] = objective * scale
+                limit = tc.grad_clip * scale if tc.weighted_clip else tc.grad_clip
                 loss_sums[name] = loss_sums.get(name, 0.0) + value
                 loss_counts[name] = loss_counts.get(name, 0) + 1
                 examples += len(idx)
@@ -236,9 +239,9 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             else:
                 sum(task_losses.values()).backward()
             if tc.grad_clip and tc.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(trainable, limit)
                 for task in task_losses:  # a tensor sum: no device sync per step
-                    clipped[task] = clipped.get(task, 0) + (norm > tc.grad_clip).int()
+                    clipped[task] = clipped.get(task, 0) + (norm > limit).int()
                     clip_steps[task] = clip_steps.get(task, 0) + 1
             optimizer.step()
             scheduler.step()
@@ -282,7 +285,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             best = (score, epoch)
             _save_atomically(scored, out / "model", encoder_dir)
         print(_epoch_line(epoch, tc.epochs, metrics, saved_best and score is not None and tc.epochs > 1), flush=True)
-        if tc.sampling != "summed" and len(set(weights.values())) > 1 and clip_steps:
+        if tc.sampling != "summed" and len(set(weights.values())) > 1 and clip_steps and not tc.weighted_clip:
             print(_clipping_line(metrics, tc.grad_clip), flush=True)
         save_checkpoint((epoch + 1, 0), None)
 

@@ -548,3 +548,33 @@ def test_clipped_share_per_task_is_the_steps_whose_gradient_norm_was_over_grad_c
     assert f"gradients clipped to train.grad_clip 10 on sst {shares['sst']:.0%}, para" in capsys.readouterr().out
     _run(apply_overrides(cfg, {"loss.weights.sst": 1.0}), prepared, tmp_path / "equal")
     assert "gradients clipped" not in capsys.readouterr().out  # equal weights: nothing was undone
+
+
+def test_weighted_clip_limits_each_one_task_step_to_grad_clip_times_its_weight(
+        prepared, shared_data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    steps = []  # [task, limit passed to the clip, pre-clip norm, norm after] of each training step
+    real_batch, real_clip = finetune.make_batch, torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):
+        params = list(params)
+        norm = real_clip(params, max_norm)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+        steps[-1] += [max_norm, float(norm), float(after)]
+        return norm
+
+    monkeypatch.setattr(finetune, "make_batch", lambda task, *a, **k: steps.append([task]) or real_batch(task, *a, **k))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    weights = {"sst": 2.5, "para": 1.0, "sts": 4.0}
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.epochs": 1, "train.grad_clip": 3.0, "train.weighted_clip": True,
+                                                   **{f"loss.weights.{t}": w for t, w in weights.items()}})
+    _run(cfg, prepared, tmp_path)
+    trained = [s for s in steps if len(s) == 4]
+    assert {t for t, *_ in trained} == set(weights)
+    assert any(n > lim and t != "para" for t, lim, n, _ in trained)  # some weighted steps were clipped
+    for task, limit, norm, after in trained:
+        assert limit == 3.0 * weights[task]
+        assert after == pytest.approx(min(norm, limit), rel=1e-4)  # the weight survives: clipped to 3 x weight, not 3
+    history = json.loads((tmp_path / "history.json").read_text())
+    for task in weights:
+        norms = [(n, lim) for t, lim, n, _ in trained if t == task]
+        assert history[0][f"train/clipped_{task}"] == sum(n > lim for n, lim in norms) / len(norms)
