@@ -7,7 +7,7 @@ of every task with the losses summed (summed; with train.pcgrad, the per-task gr
 through PCGrad, stages/pcgrad.py). Per task, the loss is weighted by loss.weights (and with
 loss.weighting: normalized, divided by its running mean); a one-task step whose gradient is clipped
 to train.grad_clip comes out the same whatever its weight, so train/clipped_<task> logs how often
-that happened (and the epoch end says so when loss.weights differ), and train.weighted_clip makes
+that happened (and epoch 1's end says so when loss.weights differ), and train.weighted_clip makes
 the limit grad_clip x the weight; train.smart adds SMART's adversarial
 and proximal terms (stages/smart.py); loss.sts_mnr_epochs trains sts with a multiple-negatives
 ranking loss first; loss.sst_label_smoothing smooths sst's cross-entropy targets, loss.sst_rdrop
@@ -285,7 +285,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             best = (score, epoch)
             _save_atomically(scored, out / "model", encoder_dir)
         print(_epoch_line(epoch, tc.epochs, metrics, saved_best and score is not None and tc.epochs > 1), flush=True)
-        if tc.sampling != "summed" and len(set(weights.values())) > 1 and clip_steps and not tc.weighted_clip:
+        if epoch == 1 and tc.sampling != "summed" and len(set(weights.values())) > 1 and clip_steps \
+                and not tc.weighted_clip:  # once: later epochs' shares are in MLflow
             print(_clipping_line(metrics, tc.grad_clip), flush=True)
         save_checkpoint((epoch + 1, 0), None)
 
