@@ -195,7 +195,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         progress = Progress(f"finetune epoch {epoch}/{tc.epochs}", total=len(steps), initial=first_step)
         for done, step in enumerate(steps[first_step:], start=first_step + 1):
             task_losses = {}  # task -> the loss that task's gradient comes from (weighted)
-            limit = tc.grad_clip  # the step's clipping limit (train.weighted_clip: x its one task's weight, below)
+            limit = tc.grad_clip  # the step's clipping limit
             for task, idx in step:
                 batch = make_batch(task, train[task], idx, device, encodings[task])
                 if task == "sts" and mnr_epoch:
@@ -227,7 +227,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                 value = loss.item()
                 scale = weights[task] / loss_scale(name, value) if loss_scale else weights[task]
                 task_losses[task] = objective * scale
-                limit = tc.grad_clip * scale if tc.weighted_clip else tc.grad_clip
+                if tc.weighted_clip:  # one task per step (config_rules): the step's limit carries its weight
+                    limit = tc.grad_clip * scale
                 loss_sums[name] = loss_sums.get(name, 0.0) + value
                 loss_counts[name] = loss_counts.get(name, 0) + 1
                 examples += len(idx)
