@@ -21,7 +21,10 @@ def space_file(tmp_path, text: str):
 def test_default_space_searches_what_moves_the_result_and_holds_the_shipped_recipe():
     cfg = load_config(REPO / "pipeline.yaml")
     space = load_space(REPO / "search_spaces" / "default.yaml", cfg)
-    assert {"model.pooling", "model.para.encoding", "model.sts.head", "train.lr", "train.lr_schedule"} <= set(space.params)
+    assert {"model.pooling", "model.para.encoding", "model.sts.head", "train.lr", "train.lr_schedule",
+            "loss.sst_label_smoothing", "loss.sst_rdrop"} <= set(space.params)
+    # not the loss weights: pipeline.yaml clips one-task steps without keeping the weight (README)
+    assert not cfg.train.weighted_clip and not [key for key in space.params if key.startswith("loss.weights")]
     assert space.fixed == {}
     # --include-config starts from pipeline.yaml's recipe: it must be a point of the space
     assert space.config_point(cfg) == {key: get(cfg, key) for key in space.params}
@@ -46,7 +49,8 @@ def test_loss_and_sampling_space_searches_what_users_ask_for():
              "train.lr", "train.batch_size"}
     assert asked <= set(space.params)
     assert set(space.params) - asked & {"model.dropout", "train.weight_decay", "train.warmup_ratio"}
-    assert space.fixed == {"train.sampling": "annealed"}  # alpha means something only when annealed
+    # alpha means something only when annealed; the weights only when clipping keeps them
+    assert space.fixed == {"train.sampling": "annealed", "train.weighted_clip": True}
 
 
 def test_each_distribution_becomes_the_right_tune_and_optuna_space(tmp_path):

@@ -64,7 +64,8 @@ def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
     for run in trials:
         assert run.info.status == "FINISHED"
         assert set(run.data.params) == plain_names  # the compare view lines trials up with plain runs
-        assert run.data.params["train.sampling"] == "annealed"  # the space's fixed value
+        assert run.data.params["train.sampling"] == "annealed"  # the space's fixed values
+        assert run.data.params["train.weighted_clip"] == "True"
         assert run.data.params["train.eval_batch_size"] == "32"  # --set, over the smoke value
         assert run.data.tags["driver_pid"] == parent.data.tags["driver_pid"]  # opened in a worker, for the driver
         assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["ablation"] == "none"
