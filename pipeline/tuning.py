@@ -81,12 +81,29 @@ def optuna_searcher(space: SearchSpace, seed: int, trials: int, points_to_evalua
                         points_to_evaluate=list(points_to_evaluate) or None, sampler=sampler)
 
 
+def reported_epochs(epochs: int) -> range:
+    """The epochs whose dev scores a trial reports to Tune while it trains: all but the last, whose
+    score reaches Tune with evaluate's. So a trial makes `epochs` reports and ASHA, which decides at
+    a report, can cut it only with an epoch still to train, never after it trained in full and
+    before its evaluate (with the last epoch reported too, the 1st epoch of a 1-epoch search and
+    the 2nd of a 2-epoch one were rungs)."""
+    return range(1, epochs)
+
+
+def asha_scheduler(epochs: int):
+    """ASHA on dev/overall at rungs of 1, 2, 4, ... reports, for trials of up to `epochs` epochs:
+    a trial's last report (reported_epochs) is at max_t, where ASHA ends it without comparing."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=1, reduction_factor=2)
+
+
 def run_search(ctx: TrialContext, exp_dir: Path, trials: int, seed: int, points_to_evaluate: list[dict] = (),
                resume: bool = False, searcher: str = "optuna", scheduler: str = "asha", verbose: bool = True) -> str:
     """Run (or resume) the Tune experiment in `exp_dir`; "finished" or "interrupted"."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -106,11 +123,8 @@ def run_search(ctx: TrialContext, exp_dir: Path, trials: int, seed: int, points_
             search_alg = BasicVariantGenerator(points_to_evaluate=list(points_to_evaluate) or None,
                                                max_concurrent=concurrency, random_state=seed)
             param_space = ctx.space.tune_domains()
-        epochs = max(_possible_values(ctx, "train.epochs"))
-        # One report per epoch, then one after evaluate: max_t past the last epoch, so ASHA may
-        # cut a trial at any epoch's rung but never kills one that is about to be evaluated.
-        chosen_scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=1,
-                                          reduction_factor=2) if scheduler == "asha" else FIFOScheduler())
+        chosen_scheduler = (asha_scheduler(max(_possible_values(ctx, "train.epochs"))) if scheduler == "asha"
+                            else FIFOScheduler())
         columns = {key: short(key) for key in ctx.space.params}
         reporter = tune.CLIReporter(
             metric_columns={"training_iteration": "iter", METRIC: METRIC, "dev/sst_acc": "sst",
@@ -160,7 +174,8 @@ def trial(config: dict, ctx: TrialContext) -> None:
             if METRIC in metrics:  # kept before reporting: ASHA may end the trial inside tune.report
                 record = _read_record(out)
                 _write_record(out, {**record, "epochs": [*record.get("epochs", []), metrics[METRIC]]})
-            tune.report({**metrics, "epoch": step})  # ASHA decides on this epoch's dev/overall
+            if step in reported_epochs(cfg.train.epochs):
+                tune.report({**metrics, "epoch": step})  # ASHA decides on this epoch's dev/overall
 
     def log_final(metrics: dict, step: int | None = None) -> None:
         # At the last epoch's step and later: MLflow shows the latest value, evaluate's score.

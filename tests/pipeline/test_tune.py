@@ -74,10 +74,14 @@ def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
             assert float(run.data.params[key]) == pytest.approx(value)  # the sampled value is what ran
         assert run.data.params["train.batch_size"] in ("8", "16", "32")
         epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/examples_per_s"))
+        result_json, = (workdir / "artifacts" / "tune" / "t1").glob(f"trial_{record['trial_id']}_*/result.json")
+        iterations = [json.loads(line)["training_iteration"] for line in result_json.read_text().splitlines()]
         if run.data.tags.get("early_stopped") == "true":  # ASHA cut it at a rung: never evaluated
-            assert record["status"] == "early_stopped" and epochs[0] == 1 and "metrics" not in record
+            assert record["status"] == "early_stopped" and epochs == [1] and "metrics" not in record
+            assert iterations == [1]  # cut with its 2nd (last) epoch still to train
         else:
             assert record["status"] == "finished" and epochs == [1, 2, 2]  # per epoch, then the best epoch's
+            assert iterations == [1, 2]  # Tune heard epoch 1, then evaluate's score (not epoch 2 apart)
             # the latest dev/overall is evaluate's score of the kept model, logged last
             assert run.data.metrics["dev/overall"] == pytest.approx(record["metrics"]["dev/overall"])
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "dev/overall"))

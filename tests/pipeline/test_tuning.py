@@ -3,10 +3,14 @@ best trial, and a seeded Optuna searcher."""
 
 import json
 import math
+from types import SimpleNamespace
+
+import pytest
 
 from pipeline.config import PipelineConfig, apply_overrides
+from pipeline.constants import METRIC
 from pipeline.search_space import load_space
-from pipeline.tuning import best_record, max_concurrent, optuna_searcher, startup_trials, trial_records, trial_resources
+from pipeline.tuning import asha_scheduler, best_record, reported_epochs, max_concurrent, optuna_searcher, startup_trials, trial_records, trial_resources
 from tests.conftest import REPO
 
 
@@ -63,3 +67,28 @@ def test_the_optuna_search_is_seeded_and_can_start_from_the_config():
         assert round(point["model.dropout"] / 0.05, 9) % 1 == 0  # on the quniform grid
     own = space.config_point(cfg)
     assert suggestions(seed=1, points=[own])[0] == own  # --include-config: the config's values go first
+
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4])
+def test_asha_cuts_a_trial_only_with_an_epoch_left_to_train(epochs):
+    # per trial: its dev score after each epoch; a trial reports reported_epochs, then evaluate's score
+    scores = {"steady": [0.8] * epochs, "falling": [0.9] * (epochs - 1) + [0.1], "weak": [0.5] * epochs}
+    reports = {name: [s[e - 1] for e in reported_epochs(epochs)] + [s[-1]] for name, s in scores.items()}
+    scheduler = asha_scheduler(epochs)
+    scheduler.set_search_properties(METRIC, "max")
+    trials = {name: SimpleNamespace(trial_id=name) for name in scores}
+    for t in trials.values():
+        scheduler.on_trial_add(None, t)
+    cut = {}  # trial -> the report ASHA stopped it at, before its last
+    for iteration in range(1, len(reports["steady"]) + 1):
+        for name, t in trials.items():
+            if name not in cut:
+                action = scheduler.on_trial_result(None, t, {"training_iteration": iteration,
+                                                             METRIC: reports[name][iteration - 1]})
+                if action == "STOP" and iteration < len(reports[name]):  # after the last, Tune ends it anyway
+                    cut[name] = iteration
+    # falling leads until its last epoch: it is evaluated, not cut (with the last epoch reported
+    # too, the 1st epoch of a 1-epoch and the 2nd of a 2-epoch search were rungs)
+    assert "falling" not in cut
+    assert cut == ({} if epochs == 1 else {"weak": 1})  # with epochs to go, ASHA still cuts
