@@ -1,5 +1,5 @@
 """The search's small decisions (pipeline/tuning.py): how many trials fit, TPE's warm-up, the
-best trial, and a seeded Optuna searcher."""
+best trial, a seeded Optuna searcher, and where ASHA may cut a trial."""
 
 import json
 import math
@@ -10,7 +10,8 @@ import pytest
 from pipeline.config import PipelineConfig, apply_overrides
 from pipeline.constants import METRIC
 from pipeline.search_space import load_space
-from pipeline.tuning import asha_scheduler, best_record, reported_epochs, max_concurrent, optuna_searcher, startup_trials, trial_records, trial_resources
+from pipeline.tuning import (asha_scheduler, best_record, max_concurrent, optuna_searcher, reported_epochs, startup_trials,
+                             trial_records, trial_resources)
 from tests.conftest import REPO
 
 
@@ -67,7 +68,6 @@ def test_the_optuna_search_is_seeded_and_can_start_from_the_config():
         assert round(point["model.dropout"] / 0.05, 9) % 1 == 0  # on the quniform grid
     own = space.config_point(cfg)
     assert suggestions(seed=1, points=[own])[0] == own  # --include-config: the config's values go first
-
 
 
 @pytest.mark.parametrize("epochs", [1, 2, 3, 4])
