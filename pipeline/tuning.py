@@ -84,9 +84,8 @@ def optuna_searcher(space: SearchSpace, seed: int, trials: int, points_to_evalua
 def reported_epochs(epochs: int) -> range:
     """The epochs whose dev scores a trial reports to Tune while it trains: all but the last, whose
     score reaches Tune with evaluate's. So a trial makes `epochs` reports and ASHA, which decides at
-    a report, can cut it only with an epoch still to train, never after it trained in full and
-    before its evaluate (with the last epoch reported too, the 1st epoch of a 1-epoch search and
-    the 2nd of a 2-epoch one were rungs)."""
+    a report, can cut it only with an epoch still to train, never between its last epoch and its
+    evaluate."""
     return range(1, epochs)
 
 
