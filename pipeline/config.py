@@ -318,7 +318,10 @@ class ScheduleConfig:
 @dataclass
 class PipelineConfig:
     seed: int = 11711
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda (bf16 autocast) if present
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
+    # bf16: forward passes under bf16 autocast (weights, optimizer and losses fp32); auto: bf16
+    # where the hardware has it natively and stages/device.py's AUTO_BF16_ON allows, else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     artifacts: str = "artifacts"  # a folder (relative to the config) or a pyarrow.fs URI
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -196,3 +196,7 @@ def _check_technique_combinations(cfg, where: str) -> None:
                           f"(alpha 1 is plain AdamW)")
     if t.smart.enabled and (t.smart.weight < 0 or t.smart.epsilon <= 0 or t.smart.step_size <= 0):
         raise ConfigError(f"{where}: train.smart: weight must be >= 0, epsilon and step_size > 0")
+    if t.smart.enabled and cfg.precision == "bf16":
+        raise ConfigError(f"{where}: train.smart.enabled with precision: bf16: SMART's perturbation "
+                          f"(train.smart.epsilon {t.smart.epsilon:g}) is below bf16's resolution, so its term "
+                          f"would measure rounding; use precision: auto (SMART then trains in fp32) or fp32")

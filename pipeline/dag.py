@@ -47,15 +47,15 @@ STAGES = (
     Stage("data_prep", "stages.data_prep",
           config_keys=("data", "model.dir")),
     Stage("mlm_pretrain", "stages.mlm_pretrain", needs=("data_prep",),
-          config_keys=("seed", "device", "model", "mlm")),
+          config_keys=("seed", "device", "precision", "model", "mlm")),
     Stage("finetune", "stages.finetune", needs=("data_prep",), optional_needs=("mlm_pretrain",),
-          config_keys=("seed", "device", "model", "train", "loss")),
+          config_keys=("seed", "device", "precision", "model", "train", "loss")),
     Stage("evaluate", "stages.evaluate", needs=("data_prep", "finetune"),
-          config_keys=("device", "train.eval_batch_size")),
+          config_keys=("device", "precision", "train.eval_batch_size")),
     # The untrained backbone's scores (a comparison's `untrained` row): data and backbone only,
     # so every variant and seed of an ablation shares one key. Not random: no seed in its key.
     Stage(REFERENCE_STAGE, "stages.reference", needs=("data_prep",),
-          config_keys=("device", "model.dir", "train.eval_batch_size")),
+          config_keys=("device", "precision", "model.dir", "train.eval_batch_size")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 # Config a stage reads that cannot change its output: not part of the cache key.

@@ -189,6 +189,7 @@ def record_stage(uri: str, run_id: str, result: dict, out: Path | None = None) -
     if "seconds" in result:
         metrics["stage/seconds"] = result["seconds"]
     tracking.log_metrics(uri, run_id, metrics)
+    tracking.log_params(uri, run_id, result.get("params", {}))  # what a stage resolved: resolved.precision
     if out is not None and (out / result.get("predictions", "predictions")).is_dir():
         tracking.log_artifacts(uri, run_id, out / result.get("predictions", "predictions"), "predictions")
     if out is not None:

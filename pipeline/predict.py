@@ -31,7 +31,7 @@ from pipeline import registry, tracking
 from pipeline.prepare import prepare
 from stages.batches import Split
 from stages.data_prep import SENTENCE_COLUMNS, load_tokenizer, read_file
-from stages.device import pick_device
+from stages.device import pick_device, resolve_precision
 from stages.evaluate import HEADERS, format_prediction
 from stages.multitask_model import load_multitask, predict_with_scores
 from stages.progress import Progress
@@ -57,12 +57,13 @@ def main(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         device = pick_device(cfg.device)
+        precision, why = resolve_precision(cfg.precision, device)
         model = load_multitask(choice.folder, device=device)
         has_tokenizer = any((choice.folder / n).is_file() for n in ("tokenizer.json", "vocab.txt"))
         tokenizer, _ = load_tokenizer(choice.folder if has_tokenizer else Path(cfg.model.dir), cfg.data.max_length)
         out_path = Path(args.out or f"{path.stem}-predicted.csv")
         skipped = f"; skipped {len(bad)} bad row(s), the first {path}:{bad[0][0]}: {bad[0][2]}" if bad else ""
-        print(f"predict: {len(rows)} {task} rows of {path} with {choice.uri}, on {device}{skipped}")
+        print(f"predict: {len(rows)} {task} rows of {path} with {choice.uri}, on {device} ({why}){skipped}")
         progress = Progress(f"predict {task}", total=len(rows), unit="row")
         start = time.time()
         with open(out_path, "w", encoding="utf-8", newline="") as f:
@@ -75,7 +76,7 @@ def main(args) -> int:
                     columns["input_ids" if task == "sst" else f"input_ids_{i + 1}"] = _flat(encodings)
                 split = Split(np.array([r[1] for r in chunk]), columns, None, str(path))
                 # evaluate's batches: length-sorted, longest first, train.eval_batch_size rows each
-                preds, _ = predict_with_scores(model, task, split, cfg.train.eval_batch_size, device)
+                preds, _ = predict_with_scores(model, task, split, cfg.train.eval_batch_size, device, precision)
                 f.writelines(f"{r[1]} , {format_prediction(task, p)} \n" for r, p in zip(chunk, preds))
                 done = first + len(chunk)
                 progress.update(done, f"{done / max(time.time() - start, 1e-9):.0f} rows/s")

@@ -120,6 +120,11 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int | None = None) -
         MlflowClient(uri).log_batch(run_id, metrics=items)
 
 
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    if params:
+        MlflowClient(uri).log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+
+
 def set_tags(uri: str, run_id: str, tags: dict) -> None:
     MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

@@ -1,8 +1,24 @@
-"""Where tensors live and at what precision: CUDA with bf16 autocast when present, else CPU."""
+"""Where tensors live and at what precision.
+
+`device: auto` takes CUDA when it is there. `precision: bf16` runs the forward passes under
+torch's bf16 autocast: matmuls and attention in bf16; weights, gradients, optimizer state,
+losses and scores stay fp32. `precision: auto` takes bf16 where the hardware executes it
+natively and the measured quality allows (AUTO_BF16_ON), fp32 elsewhere: on a CPU without bf16
+instructions torch emulates bf16 matmuls, slower than fp32 ones.
+"""
 
 import contextlib
+import re
+from pathlib import Path
 
 import torch
+
+CPUINFO = Path("/proc/cpuinfo")  # where a Linux CPU lists its instruction-set flags
+# x86: AVX512-BF16 or AMX-BF16 (Zen 4, Cooper Lake, Sapphire Rapids on); aarch64: the BF16 extension.
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+# Where `auto` takes bf16. CPU is off: at make run's full budget, fp32 against bf16 over three
+# seeds (docs/results.md, "Precision") did not meet the bar that auto-on requires.
+AUTO_BF16_ON = ("cuda",)
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -14,8 +30,51 @@ def pick_device(setting: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full fp32 on CPU (CPU bf16 matmuls are slower on most hosts)."""
+def native_bf16(device: torch.device, cpuinfo: Path | None = None) -> bool:
+    """Whether `device` executes bf16 matmuls in hardware: CUDA asks torch; a CPU reads its
+    flags from `cpuinfo` (default /proc/cpuinfo; none readable: no)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.cuda.is_bf16_supported()
+    try:
+        text = (cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            flags.update(re.split(r"\s+", value.strip().lower()))
+    return bool(flags & CPU_BF16_FLAGS)
+
+
+def resolve_precision(setting: str, device: torch.device, cpuinfo: Path | None = None) -> tuple[str, str]:
+    """(precision, why): "bf16" or "fp32" for `setting` auto | fp32 | bf16 on `device`, and a
+    few words saying why, for the stage's log line."""
+    where = "CUDA" if device.type == "cuda" else "this CPU"
+    if setting == "fp32":
+        return "fp32", "precision: fp32"
+    native = native_bf16(device, cpuinfo)
+    if setting == "bf16":
+        if native:
+            return "bf16", "precision: bf16"
+        return "bf16", f"precision: bf16, but {where} has no native bf16: emulated, slower than fp32"
+    if native and device.type in AUTO_BF16_ON:
+        return "bf16", f"precision: auto, {where} executes bf16 natively"
+    if native:
+        return "fp32", f"precision: auto, fp32 on {where} (bf16 native, but not yet chosen for auto there)"
+    return "fp32", f"precision: auto, {where} has no native bf16"
+
+
+def pick_precision(setting: str, device: torch.device, stage: str) -> str:
+    """resolve_precision's choice, said on the stage's log: e.g. "finetune: precision: auto, this
+    CPU has no native bf16"."""
+    precision, why = resolve_precision(setting, device)
+    print(f"{stage}: {why}", flush=True)
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """bf16 autocast for precision "bf16" (on CUDA or CPU); nothing (full fp32) for "fp32"."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

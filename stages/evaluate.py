@@ -30,7 +30,7 @@ import numpy as np
 
 from stages.batches import load_split
 from stages.data_prep import read_file
-from stages.device import pick_device
+from stages.device import pick_device, pick_precision
 from stages.metrics import SST_CLASSES, analysis_metrics, confusion_matrix, dev_metrics, extra_eval_metrics
 from stages.multitask_model import load_multitask, predict_with_scores
 
@@ -46,6 +46,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     data_dir = Path(inputs["data_prep"])
     model_dir = Path(inputs["finetune"]) / "model"
     device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device, "evaluate")
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: data_prep manifest not found")
@@ -65,7 +66,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                 continue
             split_path = data_dir / splits[name].get("file", f"{name}.arrow")
             split = load_split(split_path)
-            preds, scores = predict_with_scores(model, task, split, cfg.train.eval_batch_size, device)
+            preds, scores = predict_with_scores(model, task, split, cfg.train.eval_batch_size, device, precision)
             if preds.shape != (len(split),):
                 raise ValueError(f"evaluate: predict() gave shape {preds.shape} for {split_path} "
                                  f"with {len(split)} rows")
@@ -86,7 +87,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         sentences = {task: _sentences(data_dir / "manifest.json", splits, task) for task in dev_preds}
         _write_analysis(out / "analysis", dev_ids, dev_preds, dev_scores, dev_golds, sentences)
     extra = _score_extra_sets(model, data_dir, manifest.get("extra_eval", {}), out / "extra_eval",
-                              cfg.train.eval_batch_size, device)
+                              cfg.train.eval_batch_size, device, precision)
     if extra:
         print("evaluate: extra sets: " + ", ".join(f"{key} {value:.4f}" for key, value in extra.items()))
         metrics.update(extra)
@@ -98,7 +99,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         for path in sorted(predictions_dir.glob("*.csv")):
             zf.write(path, arcname=f"predictions/{path.name}")
     missing_test = [m for m in missing if "-test-" in m]
-    return {"metrics": metrics, "predictions": str(predictions_dir), "submission": str(submission),
+    return {"metrics": metrics, "params": {"resolved.precision": precision},
+            "predictions": str(predictions_dir), "submission": str(submission),
             "analysis": str(out / "analysis"), "extra_eval": str(out / "extra_eval"),
             "missing_test_files": missing_test,
             "missing_dev_files": [m for m in missing if "-dev-" in m]}
@@ -124,7 +126,8 @@ def _write_predictions(path: Path, task: str, ids, preds: np.ndarray) -> None:
         f.writelines(lines)
 
 
-def _score_extra_sets(model, data_dir: Path, extra_sets: dict, folder: Path, batch_size: int, device) -> dict:
+def _score_extra_sets(model, data_dir: Path, extra_sets: dict, folder: Path, batch_size: int, device,
+                      precision: str) -> dict:
     """eval/<name>/<metric> for each extra set in the manifest, and its predictions in
     folder/<name>-output.csv (the starter's format; sts on 0..5, whatever the file's scale).
     Not in predictions/: the submission zip holds the leaderboard's files only."""
@@ -134,7 +137,7 @@ def _score_extra_sets(model, data_dir: Path, extra_sets: dict, folder: Path, bat
         split = load_split(split_path)
         if split.labels is None:
             raise ValueError(f"{split_path}: extra evaluation set '{name}' has no label column")
-        preds, _ = predict_with_scores(model, entry["task"], split, batch_size, device)
+        preds, _ = predict_with_scores(model, entry["task"], split, batch_size, device, precision)
         folder.mkdir(parents=True, exist_ok=True)
         _write_predictions(folder / f"{name}-output.csv", entry["task"], split.ids, preds)
         metrics.update(extra_eval_metrics(name, entry["task"], preds, np.asarray(split.labels)))

@@ -41,7 +41,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages import checkpoint, smart
 from stages.batches import bucketed_batches, load_split
-from stages.device import autocast, pick_device
+from stages.device import autocast, pick_device, resolve_precision
 from stages.metrics import dev_metrics
 from stages.multitask_model import batch_lengths, build_model, make_batch, mnr_loss, predict, save_multitask
 from stages.pcgrad import pcgrad_backward
@@ -66,6 +66,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device)
+    precision = _precision(cfg, device)
 
     # ---- data
     data_dir = Path(inputs["data_prep"])
@@ -144,7 +145,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     resume_at = (1, 0)  # (epoch, steps of it already done)
     epoch_progress = None  # a resumed epoch's loss sums and counts, examples and seconds so far
     train_cfg = {k: v for k, v in dataclasses.asdict(tc).items() if k != "checkpoint_every"}
-    fingerprint = checkpoint.fingerprint(cfg.seed, dataclasses.asdict(cfg.model), train_cfg,
+    fingerprint = checkpoint.fingerprint(cfg.seed, precision, dataclasses.asdict(cfg.model), train_cfg,
                                          dataclasses.asdict(cfg.loss), str(encoder_dir),
                                          (data_dir / "manifest.json").read_text())
     saved = checkpoint.load(out, fingerprint, "finetune")
@@ -203,20 +204,20 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                     keep = batch["labels"] >= MNR_MIN_SIMILARITY
                     if int(keep.sum()) < 2:
                         continue
-                    with autocast(device):
+                    with autocast(device, precision):
                         u, v = model.pair_embeddings(task, batch)
                     loss = mnr_loss(u[keep].float(), v[keep].float(), mnr_scale, cfg.loss.mnr_similarity)
                     name = "sts_mnr"
                     objective = loss
                 else:
                     rng_state = smart.capture_rng(device) if sc.enabled else None
-                    with autocast(device):
+                    with autocast(device, precision):
                         output = model(task, batch)
                     loss, name = model.loss(task, output, batch["labels"], cfg.loss.sst_label_smoothing), task
                     objective = loss
                     if task == "sst" and cfg.loss.sst_rdrop > 0:
                         # R-Drop: a second pass draws other dropout masks; the KL pulls the two predictions together
-                        with autocast(device):
+                        with autocast(device, precision):
                             second = model(task, batch)
                         loss = (loss + model.loss(task, second, batch["labels"], cfg.loss.sst_label_smoothing)) / 2
                         objective = loss + cfg.loss.sst_rdrop * symmetric_kl(output, second)
@@ -266,7 +267,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         total_seconds += seconds
 
         scored = ema.module if ema is not None else model  # the model this epoch is scored and saved as
-        preds = {t: predict(scored, t, s, tc.eval_batch_size, device) for t, s in dev.items() if s.labels is not None}
+        preds = {t: predict(scored, t, s, tc.eval_batch_size, device, precision) for t, s in dev.items() if s.labels is not None}
         golds = {t: np.asarray(dev[t].labels) for t in preds}
         metrics = {f"train/loss_{name}": loss_sums[name] / loss_counts[name] for name in loss_sums}
         metrics.update({f"train/clipped_{t}": int(clipped[t]) / clip_steps[t] for t in TASKS if clip_steps.get(t)})
@@ -300,7 +301,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         if key in best_row:
             result_metrics["best/" + key.replace("/", "_")] = best_row[key]
     checkpoint.remove(out)  # finished: the output needs no optimizer state
-    return {"metrics": result_metrics, "model": str(out / "model")}
+    return {"metrics": result_metrics, "model": str(out / "model"), "params": {"resolved.precision": precision}}
 
 
 # ---------------------------------------------------------------- helpers
@@ -359,6 +360,18 @@ def _clipping_line(metrics: dict, grad_clip: float) -> str:
     shares = ", ".join(f"{t} {metrics[f'train/clipped_{t}']:.0%}" for t in TASKS if f"train/clipped_{t}" in metrics)
     return (f"finetune: gradients clipped to train.grad_clip {grad_clip:g} on {shares} of their steps; "
             f"on those, loss.weights changed nothing")
+
+
+def _precision(cfg, device: torch.device) -> str:
+    """The step's precision (stages.device), said on the log. SMART trains in fp32: its perturbation
+    of the embeddings (train.smart.epsilon, 1e-5 by default) is far below bf16's resolution (8 bits of
+    mantissa), so under bf16 the term measures rounding, not smoothness (on a MiniLM batch, 4x the
+    fp32 term: tests/stages/test_smart.py). precision: bf16 with SMART is a config error (config_rules)."""
+    precision, why = resolve_precision(cfg.precision, device)
+    if precision == "bf16" and cfg.train.smart.enabled:
+        precision, why = "fp32", f"{why}; fp32 for train.smart (bf16 rounding would swamp its perturbation)"
+    print(f"finetune: {why}", flush=True)
+    return precision
 
 
 def _fused_adamw(device: torch.device) -> bool:

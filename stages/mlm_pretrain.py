@@ -34,7 +34,7 @@ from torch import nn
 
 from stages import checkpoint
 from stages.batches import Split, bucketed_batches, load_split, pad_batch
-from stages.device import autocast, pick_device
+from stages.device import autocast, pick_device, pick_precision
 from stages.encoder import load_bert, save_bert
 from stages.progress import Progress
 
@@ -48,6 +48,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     out = Path(out)
     data_dir = Path(inputs["data_prep"])
     device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device, "mlm_pretrain")
     torch.manual_seed(cfg.seed)
     tok = _read_tokenizer_ids(data_dir / "manifest.json")
     # As HF's special-tokens mask: [UNK] is not a word to predict either.
@@ -63,7 +64,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     if encoder.config.vocab_size != tok["vocab_size"]:
         raise ValueError(f"{data_dir / 'manifest.json'}: tokenizer.vocab_size {tok['vocab_size']} does not match "
                          f"the model's vocab_size {encoder.config.vocab_size} ({cfg.model.dir})")
-    model = BertForMlm(encoder).to(device)
+    model = BertForMlm(encoder, precision).to(device)
 
     # The held-out batches are masked once, so every evaluation scores the same positions.
     heldout_generator = torch.Generator().manual_seed(cfg.seed)
@@ -169,7 +170,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
                "mlm/heldout_loss": heldout,
                "mlm/steps": float(step)}
     checkpoint.remove(out)  # finished: the output needs no optimizer state
-    return {"metrics": metrics, "model": str(model_dir)}
+    return {"metrics": metrics, "model": str(model_dir), "params": {"resolved.precision": precision}}
 
 
 def pretraining_text(data_dir: Path, heldout_fraction: float, seed: int) -> tuple[list, list]:
@@ -238,13 +239,14 @@ class MlmHead(nn.Module):
 class BertForMlm(nn.Module):
     """The encoder plus the MLM head; the vocabulary projection runs only at masked positions."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, precision: str = "fp32"):
         super().__init__()
         self.encoder = encoder
+        self.precision = precision  # stages.device: the forward pass's autocast
         self.head = MlmHead(encoder)
 
     def loss(self, input_ids, attention_mask, labels, device, reduction="mean") -> torch.Tensor:
-        with autocast(device):
+        with autocast(device, self.precision):
             hidden = self.encoder(input_ids, attention_mask)
             chosen = labels != -100
             logits = self.head(hidden[chosen])

@@ -398,19 +398,21 @@ def batch_lengths(task: str, split, encoding: str = "separate") -> np.ndarray:
     return a + b - 1 if encoding in ("concat", "both") else np.maximum(a, b)
 
 
-def predict(model: MultitaskModel, task: str, split, batch_size: int, device) -> np.ndarray:
+def predict(model: MultitaskModel, task: str, split, batch_size: int, device, precision: str = "fp32") -> np.ndarray:
     """Predictions for every row, in the split's row order.
 
     sst: class 0..4 (int64); para: 0/1 (int64, output above model.para_threshold(): a logit > 0,
     i.e. sigmoid > 0.5, a cosine > 0, a 0/1 regression > 0.5); sts: score clipped to [0, 5] (float32).
     """
-    return predict_with_scores(model, task, split, batch_size, device)[0]
+    return predict_with_scores(model, task, split, batch_size, device, precision)[0]
 
 
 @torch.no_grad()
-def predict_with_scores(model: MultitaskModel, task: str, split, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+def predict_with_scores(model: MultitaskModel, task: str, split, batch_size: int, device,
+                        precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """(predictions as `predict` gives them, scores): sst the five class probabilities [n, 5]
-    (softmax of the logits); para P(paraphrase) [n] (para_probability); sts the score itself."""
+    (softmax of the logits); para P(paraphrase) [n] (para_probability); sts the score itself.
+    `precision` "bf16": the forward passes under bf16 autocast (stages.device); scores are fp32 either way."""
     was_training = model.training
     model.eval()
     n = len(split)
@@ -420,7 +422,7 @@ def predict_with_scores(model: MultitaskModel, task: str, split, batch_size: int
     try:
         for idx in bucketed_batches(batch_lengths(task, split, encoding), batch_size, None):
             batch = make_batch(task, split, idx, device, encoding)
-            with autocast(torch.device(device)):
+            with autocast(torch.device(device), precision):
                 output = model(task, batch)
             output = output.float()
             if task == "sst":

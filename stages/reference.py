@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.batches import bucketed_batches, load_split, pad_batch
-from stages.device import autocast, pick_device
+from stages.device import autocast, pick_device, pick_precision
 from stages.encoder import load_bert, pool
 from stages.metrics import METRIC_NAMES, accuracy, extra_eval_metrics, overall, pearson
 
@@ -58,6 +58,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
         return load_split(data_dir / splits[name].get("file", f"{name}.arrow")) if name in splits else None
 
     device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device, "reference")
     encoder = load_bert(cfg.model.dir).to(device)  # eval mode: no dropout
     batch_size = cfg.train.eval_batch_size
     metrics, sentences, left_out = {}, 0, []
@@ -66,7 +67,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     # ---- sts: the cosine of the two sentence vectors, no fitting
     sts_dev = split("sts-dev")
     if sts_dev is not None:
-        u, v = embed_pairs(encoder, sts_dev, batch_size, device)
+        u, v = embed_pairs(encoder, sts_dev, batch_size, device, precision)
         metrics[METRIC_NAMES["sts"]] = cosine_pearson(u, v, sts_dev.labels)
         sentences += 2 * len(sts_dev)
     else:
@@ -75,8 +76,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     # ---- sst: a 5-class probe on the sentence vectors
     sst_train, sst_dev = split("sst-train"), split("sst-dev")
     if sst_train is not None and sst_dev is not None:
-        x_train = embed(encoder, sst_train, "input_ids", batch_size, device)
-        x_dev = embed(encoder, sst_dev, "input_ids", batch_size, device)
+        x_train = embed(encoder, sst_train, "input_ids", batch_size, device, precision)
+        x_dev = embed(encoder, sst_dev, "input_ids", batch_size, device, precision)
         y_train = torch.from_numpy(sst_train.labels.astype(np.int64))
         probe = probes["sst"] = fit_probe(x_train, y_train, SST_CLASSES)
         metrics[METRIC_NAMES["sst"]] = accuracy(probe_predict(probe, x_dev), sst_dev.labels)
@@ -88,8 +89,8 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     # ---- para: a 2-class probe on the pair features
     para_train, para_dev = split("para-train"), split("para-dev")
     if para_train is not None and para_dev is not None:
-        x_train = pair_features(*embed_pairs(encoder, para_train, batch_size, device))
-        x_dev = pair_features(*embed_pairs(encoder, para_dev, batch_size, device))
+        x_train = pair_features(*embed_pairs(encoder, para_train, batch_size, device, precision))
+        x_dev = pair_features(*embed_pairs(encoder, para_dev, batch_size, device, precision))
         y_train, y_dev = (s.labels.astype(np.int64) for s in (para_train, para_dev))  # 0.0/1.0 -> class 0/1
         probe = probes["para"] = fit_probe(x_train, torch.from_numpy(y_train), 2)
         metrics[METRIC_NAMES["para"]] = accuracy(probe_predict(probe, x_dev), y_dev)
@@ -102,10 +103,10 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     for name, entry in manifest.get("extra_eval", {}).items():
         task, extra = entry["task"], load_split(data_dir / entry["file"])
         if task == "sts":
-            preds = F.cosine_similarity(*embed_pairs(encoder, extra, batch_size, device), dim=-1).numpy()
+            preds = F.cosine_similarity(*embed_pairs(encoder, extra, batch_size, device, precision), dim=-1).numpy()
         elif task in probes:
-            x = (embed(encoder, extra, "input_ids", batch_size, device) if task == "sst"
-                 else pair_features(*embed_pairs(encoder, extra, batch_size, device)))
+            x = (embed(encoder, extra, "input_ids", batch_size, device, precision) if task == "sst"
+                 else pair_features(*embed_pairs(encoder, extra, batch_size, device, precision)))
             preds = probe_predict(probes[task], x)
         else:
             left_out.append(f"extra set {name} (no {task} probe)")
@@ -124,28 +125,28 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     print(f"reference (the {c.num_hidden_layers}-layer, {c.hidden_size}-wide backbone untrained): "
           + ", ".join(f"{label} {metrics[key]:.4f}" for label, key in shown.items() if key in metrics)
           + f"; {sentences} sentences in {seconds:.1f} s" + (f"; left out: {', '.join(left_out)}" if left_out else ""))
-    return {"metrics": metrics, "sentences": sentences}
+    return {"metrics": metrics, "sentences": sentences, "params": {"resolved.precision": precision}}
 
 
 # ---------------------------------------------------------------- the parts
 
 
 @torch.inference_mode()
-def embed(encoder, split, column: str, batch_size: int, device) -> torch.Tensor:
+def embed(encoder, split, column: str, batch_size: int, device, precision: str = "fp32") -> torch.Tensor:
     """The mean-pooled last-layer vector of each row of `column`, [rows, hidden] float32 on the
     CPU, in the split's row order; batches of similar length (longest first), so little padding."""
     vectors = torch.empty(len(split), encoder.config.hidden_size)
     for idx in bucketed_batches(split.lengths(column), batch_size, None):
         input_ids, attention_mask = (t.to(device) for t in pad_batch(split, column, idx))
-        with autocast(torch.device(device)):
+        with autocast(torch.device(device), precision):
             hidden = encoder(input_ids, attention_mask)
         vectors[torch.from_numpy(idx)] = pool(hidden.float(), attention_mask, "mean").cpu()
     return vectors
 
 
-def embed_pairs(encoder, split, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_pairs(encoder, split, batch_size: int, device, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """(u, v): the vectors of each pair's first and second sentence."""
-    return tuple(embed(encoder, split, column, batch_size, device) for column in ("input_ids_1", "input_ids_2"))
+    return tuple(embed(encoder, split, column, batch_size, device, precision) for column in ("input_ids_1", "input_ids_2"))
 
 
 def cosine_pearson(u: torch.Tensor, v: torch.Tensor, gold) -> float:

@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.device import autocast
-
 # Keeps the inf-norm normalisation of an all-zero gradient at zero instead of 0/0.
 _GRAD_NORM_FLOOR = 1e-12
 
@@ -172,15 +170,15 @@ def _regression(model, task: str) -> bool:
 
 
 def _forward(model, task, batch, device, rng_state):
-    """model(task, batch) under autocast, with the random state of the clean pass when given."""
+    """model(task, batch) in fp32 (finetune trains SMART in fp32: bf16 rounding is larger than a
+    perturbation of train.smart.epsilon), with the random state of the clean pass when given."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if rng_state is not None:
             cpu_state, cuda_state = rng_state
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, device)
-        with autocast(device):
-            return model(task, batch)
+        return model(task, batch)
 
 
 def _ascend(delta: Tensor, grad: Tensor | None, step_size: float, epsilon: float) -> Tensor:

@@ -121,7 +121,9 @@ def test_prints_one_line_of_missing_files_and_one_of_dev_metrics(prepared, finet
     evaluate.run(_cfg(prepared, tiny_model_dir), {"data_prep": prepared, "finetune": finetuned}, tmp_path,
                  lambda m, step=None: logged.append(m))
     metrics = logged[0]
-    assert capsys.readouterr().out.splitlines() == [
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("evaluate: precision: auto, ")
+    assert printed[1:] == [
         f"evaluate: not written, no such split in {prepared / 'manifest.json'}: para-test-output.csv",
         f"evaluate: dev/sst_acc {metrics['dev/sst_acc']:.4f}, dev/para_acc {metrics['dev/para_acc']:.4f}, "
         f"dev/sts_corr {metrics['dev/sts_corr']:.4f}, dev/overall {metrics['dev/overall']:.4f}"]

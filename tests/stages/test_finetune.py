@@ -97,7 +97,9 @@ def test_prints_a_line_per_quarter_epoch_and_the_dev_scores_after_each_epoch(pre
                                   f"sts {row['train/loss_sts']:.3f}")
         # Epoch 1 is always saved; "(best)" marks a later epoch only when it beat the earlier ones.
         expected += lines + [_dev_line(epoch, row, best=epoch == 1 or epoch == best_epoch)]
-    assert [line for line in printed.splitlines() if line.startswith("finetune")] == expected
+    finetune_lines = [line for line in printed.splitlines() if line.startswith("finetune")]
+    assert finetune_lines[0].startswith("finetune: precision: auto, ")  # which precision, and why
+    assert finetune_lines[1:] == expected
 
 
 def test_a_resumed_epoch_prints_only_the_quarters_after_its_checkpoint(prepared, shared_data_dir, tiny_model_dir,

@@ -195,8 +195,9 @@ def test_max_steps_stops_early(prepared, tiny_model_dir, tmp_path, capsys):
     assert [s for m, s in logged if "mlm/heldout_loss" in m] == [0, 1]
     # Progress over the 3 steps of the run (not a TTY: plain lines), then the epoch's perplexity.
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mlm_pretrain: ")]
-    assert [line.split(", ")[:2] for line in printed[2:5]] == [
+    assert printed[0].startswith("mlm_pretrain: precision: auto, ")
+    assert [line.split(", ")[:2] for line in printed[3:6]] == [
         ["mlm_pretrain: 33% (1/3 steps)", "epoch 1/5"], ["mlm_pretrain: 66% (2/3 steps)", "epoch 1/5"],
         ["mlm_pretrain: 100% (3/3 steps)", "epoch 1/5"]]
-    assert all(re.fullmatch(r".*, \d+ tok/s, loss \d+\.\d{3}", line) for line in printed[2:5]), printed
-    assert printed[5].startswith("mlm_pretrain: epoch 1: held-out perplexity ") and len(printed) == 6
+    assert all(re.fullmatch(r".*, \d+ tok/s, loss \d+\.\d{3}", line) for line in printed[3:6]), printed
+    assert printed[6].startswith("mlm_pretrain: epoch 1: held-out perplexity ") and len(printed) == 7
