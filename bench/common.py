@@ -127,12 +127,14 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matmul rate: the best of `repeats` torch.mm of two n x n matrices."""
+def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 5, dtype: str = "fp32") -> float:
+    """This machine's matmul rate in `dtype` (fp32 or bf16): the best of `repeats` torch.mm of two
+    n x n matrices."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
     torch.mm(a, b)  # warm-up (allocations, thread pool)
     best = float("inf")
     for _ in range(repeats):

@@ -34,12 +34,14 @@ from torch import nn
 
 from bench.common import Context, base_config, matmul_peak_gflops
 from stages import finetune as finetune_stage
+from stages.device import autocast, resolve_precision
 from stages.batches import Split, bucketed_batches
 from stages.data_prep import SPLIT_FILES, _hash_unit, read_file
 from stages.multitask_model import batch_lengths, build_model, make_batch, predict
 from stages.samplers import epoch_tasks
 
 TASKS = ("sst", "para", "sts")
+CPU = torch.device("cpu")
 
 
 # ---------------------------------------------------------------- the HuggingFace baseline
@@ -157,8 +159,9 @@ class Trainer:
     """One side of the comparison: a model, its optimizer, its batches; `step` trains one."""
 
     def __init__(self, name, model, make, loss, batches, flops_args, grad_clip=1.0, lr=5e-5, weight_decay=0.01,
-                 param_groups=None, fused=False):
+                 param_groups=None, fused=False, precision="fp32"):
         self.name, self.model, self.make, self.loss, self.batches = name, model, make, loss, batches
+        self.precision = precision  # fp32, or bf16 autocast of the forward pass (stages.device)
         self.flops_args, self.grad_clip = flops_args, grad_clip
         groups = param_groups if param_groups is not None else _plain_groups(model, weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused)
@@ -172,8 +175,9 @@ class Trainer:
         idx = self.batches[task]()
         t = time.perf_counter()
         batch = self.make(task, idx)
-        output = self.model(task, batch)
-        loss = self.loss(task, output, batch["labels"])
+        with autocast(CPU, self.precision):
+            output = self.model(task, batch)
+        loss = self.loss(task, output.float(), batch["labels"])  # losses in fp32 on both sides
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
         self.optimizer.step()
@@ -223,31 +227,36 @@ def finetune_throughput(ctx: Context, report) -> None:
     n_batches = {t: -(-len(s) // bs) for t, s in train.items()}
     tasks = epoch_tasks(n_batches, cfg.train.sampling, np.random.default_rng(cfg.seed), steps=warmup + steps)
 
-    def ours(name, bucketed=True):
+    def ours(name, bucketed=True, precision="fp32"):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, ctx.model_dir)
         rng = np.random.default_rng(cfg.seed)
-        lengths = {t: batch_lengths(t, s) for t, s in train.items()}
+        encodings = {t: model.batch_encoding(t) for t in train}  # pipeline.yaml's: para as one sequence
+        lengths = {t: batch_lengths(t, s, encodings[t]) for t, s in train.items()}
         if bucketed:
             batches = {t: _cursor(lambda t=t: bucketed_batches(lengths[t], bs, rng)) for t in train}
         else:
             batches = {t: _cursor(lambda t=t: _random_batches(len(train[t]), bs, rng)) for t in train}
         groups = finetune_stage._param_groups(model, cfg.train.lr, cfg.train.weight_decay, 1.0)
-        return Trainer(name, model, lambda task, idx: make_batch(task, train[task], idx, "cpu"),
+        return Trainer(name, model, lambda task, idx: make_batch(task, train[task], idx, "cpu", encodings[task]),
                        model.loss, batches, flops_args, cfg.train.grad_clip, cfg.train.lr, param_groups=groups,
-                       fused=finetune_stage._fused_adamw(torch.device("cpu")))
+                       fused=finetune_stage._fused_adamw(torch.device("cpu")), precision=precision)
 
-    def hf(name, attn):
+    def hf(name, attn, precision="fp32"):
         torch.manual_seed(cfg.seed)
         model = HFMultitask(ctx.model_dir, attn, cfg.model.dropout)
         rng = np.random.default_rng(cfg.seed)
         data = {t: HFData(t, s, texts[(t, "train")], tok) for t, s in train.items()}
         batches = {t: _cursor(lambda t=t: _random_batches(len(train[t]), bs, rng)) for t in train}
         return Trainer(name, model, lambda task, idx: data[task].batch(idx), model.loss, batches, flops_args,
-                       cfg.train.grad_clip, cfg.train.lr, cfg.train.weight_decay)
+                       cfg.train.grad_clip, cfg.train.lr, cfg.train.weight_decay, precision=precision)
 
-    sides = [ours("ours"), hf("hf_eager", "eager"), hf("hf_sdpa", "sdpa"), ours("ours_unbucketed", bucketed=False)]
-    peak_before = matmul_peak_gflops(ctx.threads)
+    # The baseline is hf_eager in fp32 (what a user writes); hf_eager_bf16 is the same loop under
+    # the same bf16 autocast as ours_bf16 (like for like).
+    sides = [ours("ours_fp32"), ours("ours_bf16", precision="bf16"), hf("hf_eager", "eager"),
+             hf("hf_eager_bf16", "eager", "bf16"), hf("hf_sdpa_bf16", "sdpa", "bf16"),
+             ours("ours_unbucketed", bucketed=False)]
+    peak_before = {p: matmul_peak_gflops(ctx.threads, dtype=p) for p in ("fp32", "bf16")}
     for side in sides:  # warm-up steps, not timed
         for task in tasks[:warmup]:
             side.step(task, timed=False)
@@ -257,32 +266,43 @@ def finetune_throughput(ctx: Context, report) -> None:
         for side in order:
             for task in tasks[warmup + b * per_block: warmup + min(steps, (b + 1) * per_block)]:
                 side.step(task, timed=True)
-    peak = max(peak_before, matmul_peak_gflops(ctx.threads))
+    peak = {p: max(rate, matmul_peak_gflops(ctx.threads, dtype=p)) for p, rate in peak_before.items()}
 
     by = {s.name: s for s in sides}
     base = by["hf_eager"]
+    rate = {s.name: s.examples / s.seconds for s in sides}
+    used, _ = resolve_precision(cfg.precision, CPU)  # what a make run on this machine trains in
     report.note("finetune", f"{steps} timed steps per side after {warmup} warm-up, in {blocks} interleaved blocks; "
                 f"batch {bs}, max length {max_length}, {ctx.threads} torch threads, sampling {cfg.train.sampling}, "
                 f"task sequence {_counts(tasks[warmup:])}; rows: "
                 + ", ".join(f"{t} {len(s)}" for t, s in train.items()))
-    report.value("finetune", "fp32 matmul peak (2048^3 torch.mm)", f"{peak:.1f} GFLOP/s", None)
+    for p in ("fp32", "bf16"):
+        report.value("finetune", f"{p} matmul peak (2048^3 torch.mm)", f"{peak[p]:.1f} GFLOP/s",
+                     ratio=peak[p] / peak["fp32"] if p == "bf16" else None)
+    targets = {"ours_fp32": 2.0, "ours_bf16": 4.0}
     for s in sides:
-        ex_s = s.examples / s.seconds
-        mfu = s.flops / s.seconds / 1e9 / peak
-        report.value("finetune", f"{s.name}: examples/s", f"{ex_s:.1f}",
-                     ratio=ex_s / (base.examples / base.seconds), target=2.0 if s.name == "ours" else None,
-                     extra=f"real tokens {s.real_tokens / s.padded_tokens:.0%}; model FLOPs {mfu:.1%} of peak "
-                           f"(padded-token FLOPs {s.padded_flops / s.seconds / 1e9 / peak:.1%})")
-    report.value("finetune", "ours: model FLOPs of real tokens / fp32 matmul peak",
-                 f"{by['ours'].flops / by['ours'].seconds / 1e9 / peak:.1%}", ratio=None, target_text=">= 60%",
-                 met=by['ours'].flops / by['ours'].seconds / 1e9 / peak >= 0.6)
-    report.value("finetune", "ours vs ours_unbucketed (bucketing alone)",
-                 f"{(by['ours'].examples / by['ours'].seconds) / (by['ours_unbucketed'].examples / by['ours_unbucketed'].seconds):.2f}x",
-                 None)
+        mfu = {p: s.flops / s.seconds / 1e9 / peak[p] for p in peak}
+        share = f"{mfu['fp32']:.1%} of the fp32 peak" + (f", {mfu['bf16']:.1%} of the bf16 peak" if s.precision == "bf16" else "")
+        report.value("finetune", f"{s.name}: examples/s", f"{rate[s.name]:.1f}", ratio=rate[s.name] / rate["hf_eager"],
+                     target=targets.get(s.name),
+                     extra=f"real tokens {s.real_tokens / s.padded_tokens:.0%}; model FLOPs {share}"
+                           + ("; what make run trains in here" if s.name == f"ours_{used}" else ""))
+    report.value("finetune", "ours_bf16 vs hf_eager_bf16 (like for like: the same bf16 autocast)",
+                 f"{rate['ours_bf16'] / rate['hf_eager_bf16']:.2f}x", ratio=None, target_text=">= 2x",
+                 met=rate["ours_bf16"] / rate["hf_eager_bf16"] >= 2.0,
+                 extra=f"vs hf_sdpa_bf16 {rate['ours_bf16'] / rate['hf_sdpa_bf16']:.2f}x")
+    report.value("finetune", "ours_bf16 vs ours_fp32 (bf16 autocast alone)",
+                 f"{rate['ours_bf16'] / rate['ours_fp32']:.2f}x", None)
+    for name, p in (("ours_fp32", "fp32"), ("ours_bf16", "bf16")):
+        share = by[name].flops / by[name].seconds / 1e9 / peak[p]
+        report.value("finetune", f"{name}: model FLOPs of real tokens / {p} matmul peak", f"{share:.1%}", ratio=None,
+                     target_text=">= 60%" if p == "fp32" else None, met=share >= 0.6 if p == "fp32" else None)
+    report.value("finetune", "ours_fp32 vs ours_unbucketed (bucketing alone)",
+                 f"{rate['ours_fp32'] / rate['ours_unbucketed']:.2f}x", None)
 
     # Lever: AdamW's fused kernel (finetune uses it on CPU too) vs the default implementation,
     # one optimizer step over MiniLM + heads with finetune's parameter groups, interleaved.
-    model = by["ours"].model
+    model = by["ours_fp32"].model
     step_s = {False: [], True: []}
     optimizers = {f: torch.optim.AdamW(finetune_stage._param_groups(model, 1e-9, 0.0), lr=1e-9, fused=f)
                   for f in step_s}
@@ -297,21 +317,24 @@ def finetune_throughput(ctx: Context, report) -> None:
     model.zero_grad(set_to_none=True)
     unfused, fused = sum(step_s[False]) / len(step_s[False]), sum(step_s[True]) / len(step_s[True])
     report.value("finetune", "AdamW step, fused kernel vs default (lever)", f"{fused * 1e3:.0f} ms vs {unfused * 1e3:.0f} ms",
-                 ratio=unfused / fused, extra=f"default = {unfused / (by['ours'].seconds / steps):.0%} of an average "
-                                              "ours step; the HF baseline keeps torch's default AdamW")
+                 ratio=unfused / fused, extra=f"default = {unfused / (by['ours_fp32'].seconds / steps):.0%} of an "
+                                              "average ours_fp32 step; the HF baseline keeps torch's default AdamW")
 
-    # Cross-check: the real finetune stage, fixed steps, its own examples/s (train loop only).
+    # Cross-check: the real finetune stage (pipeline.yaml's recipe, R-Drop's second sst pass
+    # included), fixed steps, its own examples/s (train loop only), in each precision.
     cross_steps = 8 if ctx.quick else 40
-    cfg_run = base_config({"train.epochs": 1, "train.steps_per_epoch": cross_steps, "train.checkpoint_every": 0,
-                           **({"data.max_rows": 2048} if ctx.quick else {})})
-    out = ctx.work / "finetune-crosscheck"
-    t = time.perf_counter()
-    result = finetune_stage.run(cfg_run, {"data_prep": ctx.train_only(prepared)}, out, lambda *a, **k: None)
-    wall = time.perf_counter() - t
-    ex_s = result["metrics"]["train/examples_per_s"]
-    report.value("finetune", f"stages.finetune.run, {cross_steps} steps incl. first (its own train/examples_per_s)",
-                 f"{ex_s:.1f}", ratio=ex_s / (base.examples / base.seconds),
-                 extra=f"stage wall {wall:.1f} s incl. model load and save; HF baseline of the interleaved run as denominator")
+    for p in ("fp32", "bf16"):
+        cfg_run = base_config({"precision": p, "train.epochs": 1, "train.steps_per_epoch": cross_steps,
+                               "train.checkpoint_every": 0, **({"data.max_rows": 2048} if ctx.quick else {})})
+        out = ctx.work / f"finetune-crosscheck-{p}"
+        t = time.perf_counter()
+        result = finetune_stage.run(cfg_run, {"data_prep": ctx.train_only(prepared)}, out, lambda *a, **k: None)
+        wall = time.perf_counter() - t
+        ex_s = result["metrics"]["train/examples_per_s"]
+        report.value("finetune", f"stages.finetune.run {p}, {cross_steps} steps incl. first (its own train/examples_per_s)",
+                     f"{ex_s:.1f}", ratio=ex_s / rate["hf_eager"],
+                     extra=f"stage wall {wall:.1f} s incl. model load and save; the recipe's R-Drop runs sst twice; "
+                           "hf_eager of the interleaved run as denominator")
 
 
 def _random_batches(n: int, bs: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -335,13 +358,14 @@ def head_rows(split: Split, n: int) -> Split:
 
 
 @torch.no_grad()
-def hf_predict(model: HFMultitask, data: HFData, n: int, bs: int) -> np.ndarray:
+def hf_predict(model: HFMultitask, data: HFData, n: int, bs: int, precision: str = "fp32") -> np.ndarray:
     """The starter's evaluation: eval mode, no grad, batches in file order padded to their longest."""
     model.eval()
     out = []
     for start in range(0, n, bs):
         idx = np.arange(start, min(n, start + bs))
-        output = model(data.task, data.batch(idx))
+        with autocast(CPU, precision):
+            output = model(data.task, data.batch(idx)).float()
         out.append(output.argmax(-1) if data.task == "sst" else (output > 0).long() if data.task == "para"
                    else output.clamp(0, 5))
     return torch.cat(out).numpy()
@@ -358,20 +382,24 @@ def inference_throughput(ctx: Context, report) -> None:
     hf_bs = cfg.train.batch_size
 
     ours = build_model(cfg, ctx.model_dir).eval()
-    hf_models = {attn: HFMultitask(ctx.model_dir, attn).eval() for attn in ("eager", "sdpa")}
+    hf_model = HFMultitask(ctx.model_dir, "eager").eval()
     data = {t: HFData(t, s, texts[(t, "dev")], tok) for t, s in dev.items()}
     n_examples = sum(len(s) for s in dev.values())
+    used, _ = resolve_precision(cfg.precision, CPU)  # what make run's evaluate predicts in here
 
-    variants = {f"ours, eval batch {bs}": (lambda bs=bs: [predict(ours, t, s, bs, "cpu") for t, s in dev.items()])
-                for bs in (hf_bs, cfg.train.eval_batch_size, 256)}
-    for attn, model in hf_models.items():
-        variants[f"hf_{attn}, batch {hf_bs}, file order"] = (
-            lambda model=model: [hf_predict(model, data[t], len(s), hf_bs) for t, s in dev.items()])
+    variants = {}
+    for p, sizes in (("fp32", (hf_bs, cfg.train.eval_batch_size)), ("bf16", (hf_bs, cfg.train.eval_batch_size, 256))):
+        for bs in sizes:
+            variants[f"ours {p}, eval batch {bs}"] = (
+                lambda bs=bs, p=p: [predict(ours, t, s, bs, "cpu", p) for t, s in dev.items()])
+    for p in ("fp32", "bf16"):
+        variants[f"hf_eager {p}, batch {hf_bs}, file order"] = (
+            lambda p=p: [hf_predict(hf_model, data[t], len(s), hf_bs, p) for t, s in dev.items()])
     warm = {t: head_rows(s, 8) for t, s in dev.items()}  # warm-up: first calls allocate and load kernels
     for t, s in warm.items():
-        predict(ours, t, s, 8, "cpu")
-        for model in hf_models.values():
-            hf_predict(model, data[t], len(s), 8)
+        for p in ("fp32", "bf16"):
+            predict(ours, t, s, 8, "cpu", p)
+            hf_predict(hf_model, data[t], len(s), 8, p)
     seconds = {name: 0.0 for name in variants}
     names = list(variants)
     for r in range(rounds):
@@ -379,13 +407,19 @@ def inference_throughput(ctx: Context, report) -> None:
             t = time.perf_counter()
             variants[name]()
             seconds[name] += time.perf_counter() - t
-    base = f"hf_eager, batch {hf_bs}, file order"
+    base = f"hf_eager fp32, batch {hf_bs}, file order"
     base_rate = rounds * n_examples / seconds[base]
     report.note("inference", f"{rows} dev rows per task ({n_examples} examples), {rounds} interleaved round(s); "
                 f"all no-grad, eval mode; ours = stages.multitask_model.predict (length-sorted batches)")
     for name in names:
         rate = rounds * n_examples / seconds[name]
-        configured = name == f"ours, eval batch {cfg.train.eval_batch_size}"
+        configured = name.endswith(f", eval batch {cfg.train.eval_batch_size}")
+        notes = ["train.eval_batch_size as configured"] if configured else []
+        if configured and name.startswith(f"ours {used},"):
+            notes.append("what make run's evaluate uses here")
         report.value("inference", f"{name}: examples/s", f"{rate:.1f}", ratio=rate / base_rate,
-                     target=3.0 if configured else None,
-                     extra="train.eval_batch_size as configured" if configured else None)
+                     target=3.0 if configured and "bf16" in name else None, extra="; ".join(notes) or None)
+    like = (seconds[f"hf_eager bf16, batch {hf_bs}, file order"]
+            / seconds[f"ours bf16, eval batch {cfg.train.eval_batch_size}"])
+    report.value("inference", f"ours bf16 vs hf_eager bf16 (like for like), eval batch {cfg.train.eval_batch_size}",
+                 f"{like:.2f}x", None)

@@ -87,7 +87,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
     # A checkpoint names a position: `epoch` epochs finished, then `batch` batches of the next
     # one, whose batches are drawn from batch_rng in the state `epoch_rng` (its start).
     mlm_cfg = {k: v for k, v in dataclasses.asdict(cfg.mlm).items() if k != "checkpoint_every"}
-    fingerprint = checkpoint.fingerprint(cfg.seed, dataclasses.asdict(cfg.model), mlm_cfg,
+    fingerprint = checkpoint.fingerprint(cfg.seed, precision, dataclasses.asdict(cfg.model), mlm_cfg,
                                          (data_dir / "manifest.json").read_text())
     step, epoch, resume_batch = 0, 0, 0
     window_loss, window_steps, tokens_seen = 0.0, 0, 0

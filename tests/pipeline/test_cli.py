@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+from stages.device import resolve_precision
 from tests.conftest import local_store, mlflow_runs, run_pipeline
 
 STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
@@ -44,6 +46,12 @@ def test_smoke_run_records_parent_and_stage_runs(workdir, first_run):
     history = client.get_metric_history(by_stage["finetune"].info.run_id, "dev/overall")
     assert sorted(m.step for m in history) == [1, 2]  # one point per epoch, numbered from 1
     assert "mlm/heldout_perplexity" in by_stage["mlm_pretrain"].data.metrics
+    # what precision: auto resolved to on this machine, beside the setting itself
+    resolved, _ = resolve_precision("auto", torch.device("cpu"))
+    for stage in ("mlm_pretrain", "finetune", "evaluate"):
+        assert by_stage[stage].data.params["precision"] == "auto"
+        assert by_stage[stage].data.params["resolved.precision"] == resolved
+    assert "finetune: precision: auto, " in first_run.stdout + first_run.stderr
     assert "data/dropped_rows" in by_stage["data_prep"].data.metrics
     artifacts = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "predictions")]
     assert "predictions/sst-test-output.csv" in artifacts

@@ -117,7 +117,7 @@ def test_flatten_uses_mlflow_param_names():
     assert flat["train.lr"] == 5e-5
     assert flat["loss.weights.sst"] == 1.0
     assert flat["stages.finetune.num_cpus"] == 1
-    assert all("." in k or k in ("seed", "device", "artifacts") for k in flat)
+    assert all("." in k or k in ("seed", "device", "precision", "artifacts") for k in flat)
 
 
 def test_dumped_config_loads_back_identically(tmp_path):
@@ -233,6 +233,9 @@ def test_the_old_global_pair_keys_are_unknown_keys(tmp_path):
     (["train.task_epochs.sts=1", "loss.weights.sts=0"], r"train\.task_epochs\.sts is set but loss\.weights\.sts is 0"),
     (["train.epochs=5", "train.task_epochs={sst: 2, para: 1, sts: 3}"],
      r"every trained task stops before train\.epochs \(5\) .* set train\.epochs to 3"),
+    (["train.smart.enabled=true", "precision=bf16"],
+     r"train\.smart\.enabled with precision: bf16: SMART's perturbation \(train\.smart\.epsilon 1e-05\) is below bf16's"),
+    (["precision=fp16"], r"precision: expected one of \['auto', 'fp32', 'bf16'\]"),
 ])
 def test_recipe_switches_that_cannot_mean_anything_are_errors_naming_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -58,6 +58,10 @@ def test_a_config_change_reruns_only_the_stages_that_read_it(cfg, tmp_path):
     assert [p.cached for p in changed] == [True, False, False]  # evaluate follows its new upstream
     changed = dag.plan(apply_overrides(cfg, {"data.max_length": 64}), store)
     assert [p.cached for p in changed] == [False, False, False]
+    # precision changes what finetune and evaluate compute, not data_prep's tokens
+    for precision in ("fp32", "bf16"):
+        changed = dag.plan(apply_overrides(cfg, {"precision": precision}), store)
+        assert [p.cached for p in changed] == [True, False, False]
 
 
 def test_input_file_content_is_part_of_the_key(cfg, tmp_path):

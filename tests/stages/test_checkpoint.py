@@ -107,6 +107,10 @@ FINETUNE_SETUPS = {
                         "train.data_fraction.sst": 0.5, "train.task_epochs.para": 1},
     # the weight average (its own state, what is scored and saved)
     "ema": {"train.ema_decay": 0.9},
+    # bf16 autocast: the fp32 master weights and optimizer state resume; the bf16 math repeats
+    "bf16": {"precision": "bf16"},
+    "bf16_pals_pcgrad": {"precision": "bf16", "model.pals.enabled": True, "model.pals.size": 16, "model.pals.heads": 2,
+                         "train.sampling": "summed", "train.pcgrad": True, "train.steps_per_epoch": 8},
 }
 
 
@@ -164,10 +168,11 @@ def test_finetune_ignores_a_checkpoint_of_another_config(prepared, shared_data_d
 # ---------------------------------------------------------------- mlm_pretrain
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_mlm_pretrain_killed_mid_epoch_resumes_to_the_uninterrupted_result(
-        prepared, shared_data_dir, tiny_model_dir, tmp_path):
+        precision, prepared, shared_data_dir, tiny_model_dir, tmp_path):
     cfg = _cfg(shared_data_dir, tiny_model_dir, **{
-        "mlm.epochs": 2, "mlm.batch_size": 16, "mlm.lr": 1e-3, "mlm.checkpoint_every": 4})
+        "precision": precision, "mlm.epochs": 2, "mlm.batch_size": 16, "mlm.lr": 1e-3, "mlm.checkpoint_every": 4})
     inputs = {"data_prep": prepared}
     logged_whole = []
     whole = mlm_pretrain.run(cfg, inputs, tmp_path / "whole", lambda m, step=None: logged_whole.append((step, m)))

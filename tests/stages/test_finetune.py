@@ -580,3 +580,92 @@ def test_weighted_clip_limits_each_one_task_step_to_grad_clip_times_its_weight(
     for task in weights:
         norms = [(n, lim) for t, lim, n, _ in trained if t == task]
         assert history[0][f"train/clipped_{task}"] == sum(n > lim for n, lim in norms) / len(norms)
+
+
+BF16_SETUPS = {
+    # the shipped recipe's switches: mean pooling, concatenated para, cosine sts, R-Drop
+    "recipe": {"model.pooling": "mean", "model.para.encoding": "concat", "model.sts.head": "cosine",
+               "loss.sst_rdrop": 1.0, "train.sampling": "annealed"},
+    # PALs beside every layer's attention, PCGrad over the flattened per-task gradients
+    "pals_pcgrad": {"model.pals.enabled": True, "model.pals.size": 16, "model.pals.heads": 2,
+                    "train.sampling": "summed", "train.pcgrad": True},
+    # MNR on cosine pairs (its logits from bf16 embeddings)
+    "mnr": {"loss.sts_mnr_epochs": 1, "model.sts.head": "cosine", "train.epochs": 2},
+    # a learned hybrid blend with 3-layer heads (BatchNorm under autocast)
+    "hybrid_deep": {"model.sts.head": "hybrid", "model.head_layers": 3},
+}
+
+
+@pytest.mark.parametrize("setup", BF16_SETUPS)
+def test_bf16_runs_matmuls_in_bf16_and_keeps_weights_gradients_and_losses_fp32(
+        setup, monkeypatch, prepared, shared_data_dir, tiny_model_dir, tmp_path):
+    seen = {"train_linear": set(), "grad": set(), "loss": set()}
+
+    def on_linear(module, _inputs, output):
+        if module.training:
+            seen["train_linear"].add(output.dtype)
+
+    handles = []
+    real_build = finetune.build_model
+
+    def build(*args):
+        model = real_build(*args)
+        handles.extend(m.register_forward_hook(on_linear) for m in model.modules() if isinstance(m, torch.nn.Linear))
+        return model
+
+    def on_step(optimizer, *_):
+        seen["grad"].update(p.grad.dtype for group in optimizer.param_groups for p in group["params"]
+                            if p.grad is not None)
+
+    monkeypatch.setattr(finetune, "build_model", build)
+    real_pcgrad = finetune.pcgrad_backward
+
+    def pcgrad(task_losses, params, rng):
+        seen["loss"].update(loss.dtype for loss in task_losses.values())
+        return real_pcgrad(task_losses, params, rng)
+
+    monkeypatch.setattr(finetune, "pcgrad_backward", pcgrad)
+    handle = register_optimizer_step_post_hook(on_step)
+    try:
+        cfg = _cfg(shared_data_dir, tiny_model_dir, **{"precision": "bf16", "train.epochs": 1, **BF16_SETUPS[setup]})
+        result, logged = _run(cfg, prepared, tmp_path)
+    finally:
+        handle.remove()
+        for h in handles:
+            h.remove()
+    assert seen["train_linear"] == {torch.bfloat16}  # every Linear of a training step ran in bf16
+    assert seen["grad"] == {torch.float32}  # master weights and their gradients: fp32
+    if cfg.train.pcgrad:
+        assert seen["loss"] == {torch.float32}
+    metrics = logged[0][1]
+    assert all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("train/loss", "dev/")))
+    assert result["params"] == {"resolved.precision": "bf16"}
+    saved = load_multitask(tmp_path / "model")
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
+
+
+def test_smart_trains_in_fp32_where_auto_would_pick_bf16(monkeypatch, prepared, shared_data_dir, tiny_model_dir,
+                                                         tmp_path, capsys):
+    from stages import device
+
+    zen4 = tmp_path / "cpuinfo"
+    zen4.write_text("flags\t: fpu avx512f avx512_bf16\n")
+    monkeypatch.setattr(device, "CPUINFO", zen4)
+    monkeypatch.setattr(device, "AUTO_BF16_ON", ("cuda", "cpu"))  # a host where auto takes bf16
+    dtypes = set()
+    real_build = finetune.build_model
+
+    def build(*args):
+        model = real_build(*args)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        return model
+
+    monkeypatch.setattr(finetune, "build_model", build)
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"train.epochs": 1, "train.steps_per_epoch": 3})
+    assert finetune._precision(cfg, torch.device("cpu")) == "bf16"  # without SMART: bf16 on this host
+    cfg = apply_overrides(cfg, {"train.smart.enabled": True})
+    result, _ = _run(cfg, prepared, tmp_path / "out")
+    assert dtypes == {torch.float32} and result["params"] == {"resolved.precision": "fp32"}
+    assert "finetune: precision: auto, this CPU executes bf16 natively; fp32 for train.smart" in capsys.readouterr().out
