@@ -3,6 +3,7 @@
 #              whole test suite (.ci/run calls this)
 # make smoke - the same DAG on a tiny model and ~64 rows per split
 # make bench - the benchmark suite (bench/run.py, ~15 min on 2 CPUs); writes bench/RESULTS.md
+# make gpu-check - on a CUDA machine, bf16 throughput and 4 trials sharing the GPU (< 8 min); writes bench/GPU-RESULTS.md
 #
 # TORCH picks the torch build. The default is the CPU wheel these machines carry; on a CUDA
 # cluster: make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: run smoke test browser bench clean
+.PHONY: run smoke test browser bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +47,9 @@ browser:
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(ARGS)
+
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf artifacts mlruns

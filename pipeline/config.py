@@ -23,16 +23,14 @@ from pipeline.yamlfile import ConfigError, read_yaml
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "apply_overrides", "validate", "get", "flatten",
            "dump_yaml", "resolve_path", "SMOKE_OVERRIDES", "TASKS", "check_value", "did_you_mean", "field_types"]
 
-
 # ---------------------------------------------------------------- the config's shape
 
 
 @dataclass
 class DatasetColumns:
-    """Which header names hold our fields, in a file that does not use the CS224N names: e.g.
-    SICK's {id: pair_ID, sentence1: sentence_A, sentence2: sentence_B, label: relatedness_score}.
-    A task's fields must all be named: sst id, sentence, label; para and sts id, sentence1,
-    sentence2, label."""
+    """Which header names hold our fields, in a file without the CS224N names: e.g. SICK's {id: pair_ID,
+    sentence1: sentence_A, sentence2: sentence_B, label: relatedness_score}. A task's fields must all
+    be named: sst id, sentence, label; para and sts id, sentence1, sentence2, label."""
     id: str | None = None
     sentence: str | None = None
     sentence1: str | None = None
@@ -319,8 +317,7 @@ class ScheduleConfig:
 class PipelineConfig:
     seed: int = 11711
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
-    # bf16: forward passes under bf16 autocast (weights, optimizer and losses fp32); auto: bf16
-    # where the hardware has it natively and stages/device.py's AUTO_BF16_ON allows, else fp32.
+    # bf16 autocast for forward passes (weights, optimizer, losses fp32); auto: stages/device.py
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     artifacts: str = "artifacts"  # a folder (relative to the config) or a pyarrow.fs URI
     data: DataConfig = field(default_factory=DataConfig)

@@ -194,6 +194,7 @@ def trial(config: dict, ctx: TrialContext) -> None:
         raise
     metrics = {**tuned.get("metrics", {}), **evaluated.get("metrics", {})}
     tracking.log_metrics(uri, run_id, tuned.get("metrics", {}), cfg.train.epochs)
+    tracking.log_params(uri, run_id, tuned.get("params", {}))  # what the trial trained in: resolved.precision
     lifecycle.log_analysis(uri, run_id, out / "evaluate" / "analysis")  # the trial's run is its evaluate's
     _write_record(out, {**_read_record(out), "status": "finished", "metrics": metrics,
                         "model": str(out / "finetune" / "model")})

@@ -8,9 +8,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from pipeline.comparison import comparison
 from pipeline.config import PipelineConfig, flatten, load_config
+from stages.device import resolve_precision
 from tests.conftest import REPO, local_store, mlflow_runs, pipeline_env, run_pipeline, write_experiment
 
 SPACE = REPO / "search_spaces" / "loss_and_sampling.yaml"
@@ -63,7 +65,11 @@ def test_search_is_a_parent_run_with_a_nested_run_per_trial(workdir, search):
                for p in (workdir / "artifacts" / "tune" / "t1" / "trials").glob("*/trial.json")}
     for run in trials:
         assert run.info.status == "FINISHED"
-        assert set(run.data.params) == plain_names  # the compare view lines trials up with plain runs
+        # the compare view lines trials up with plain runs; a trial that trained in full also says
+        # what precision: auto resolved to
+        assert set(run.data.params) - {"resolved.precision"} == plain_names
+        if run.data.tags.get("early_stopped") != "true":
+            assert run.data.params["resolved.precision"] == resolve_precision("auto", torch.device("cpu"))[0]
         assert run.data.params["train.sampling"] == "annealed"  # the space's fixed values
         assert run.data.params["train.weighted_clip"] == "True"
         assert run.data.params["train.eval_batch_size"] == "32"  # --set, over the smoke value
