@@ -16,9 +16,9 @@ import torch
 CPUINFO = Path("/proc/cpuinfo")  # where a Linux CPU lists its instruction-set flags
 # x86: AVX512-BF16 or AMX-BF16 (Zen 4, Cooper Lake, Sapphire Rapids on); aarch64: the BF16 extension.
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
-# Where `auto` takes bf16 when the hardware has it. A CPU joins only when make run's recipe at its
-# full budget scores the same in bf16 as in fp32 over three seeds (docs/results.md, "Precision").
-AUTO_BF16_ON = ("cuda",)
+# Where `auto` takes bf16 when the hardware has it. CPU: make run's recipe at its full budget, 3 seeds,
+# scored the same in bf16 as in fp32 within the bar set for it (docs/results.md, "Precision").
+AUTO_BF16_ON = ("cuda", "cpu")
 
 
 def pick_device(setting: str = "auto") -> torch.device:
