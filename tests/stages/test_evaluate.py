@@ -50,7 +50,9 @@ def finetuned(tmp_path_factory, tiny_model_dir, prepared):
 def evaluated(prepared, finetuned, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate")
     logged = []
-    cfg = _cfg(prepared, tiny_model_dir, **{"train.eval_batch_size": 7})  # several, uneven batches
+    # Several, uneven batches; fp32, since the tests below recompute predictions one row at a time
+    # and bf16 rounding depends on a batch's padding (bf16: test_evaluate_in_bf16_writes_the_bf16_predictions_of_its_own_batches).
+    cfg = _cfg(prepared, tiny_model_dir, **{"train.eval_batch_size": 7, "precision": "fp32"})
     result = evaluate.run(cfg, {"data_prep": prepared, "finetune": finetuned}, out,
                           lambda m, step=None: logged.append((m, step)))
     return out, result, logged
@@ -106,6 +108,28 @@ def test_rows_pair_each_id_with_its_own_prediction(evaluated, prepared, finetune
     # The fixture's heads give non-constant predictions, so the checks above say something.
     for name in ("sst-dev", "para-dev", "sts-dev"):
         assert len({v for _, v in _read_rows(out / "predictions" / f"{name}-output.csv")}) > 1
+
+
+def test_evaluate_in_bf16_writes_the_bf16_predictions_of_its_own_batches(prepared, finetuned, tiny_model_dir,
+                                                                          tmp_path):
+    # Under bf16 autocast a row's prediction depends on its batch's padding, so the reference is
+    # predict at the stage's own batch size (the same length-sorted batches), also in bf16.
+    cfg = _cfg(prepared, tiny_model_dir, **{"train.eval_batch_size": 7, "precision": "bf16"})
+    result = evaluate.run(cfg, {"data_prep": prepared, "finetune": finetuned}, tmp_path, lambda *a, **k: None)
+    assert result["params"] == {"resolved.precision": "bf16"}
+    model = load_multitask(finetuned / "model")
+    for name in WRITTEN:
+        task = name.split("-")[0]
+        split = load_split(prepared / f"{name}.arrow")
+        expected = predict(model, task, split, batch_size=7, device="cpu", precision="bf16")
+        rows = _read_rows(tmp_path / "predictions" / f"{name}-output.csv")
+        if task == "sts":
+            np.testing.assert_allclose([float(v) for _, v in rows], expected, atol=6e-5)
+        else:
+            assert [float(v) for _, v in rows] == [float(x) for x in expected]
+    fp32 = predict(model, "sst", load_split(prepared / "sst-dev.arrow"), 7, "cpu", "fp32")
+    bf16 = predict(model, "sst", load_split(prepared / "sst-dev.arrow"), 7, "cpu", "bf16")
+    assert (fp32 == bf16).mean() > 0.8  # bf16 moves a few near-ties, not the whole table
 
 
 def test_missing_quora_test_is_reported_not_written(evaluated, capsys):
