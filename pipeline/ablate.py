@@ -98,7 +98,7 @@ def main(args) -> int:
     uri = lifecycle.tracking_uri_for(runs[0].cfg, config_dir)
     common = apply_overrides(cfg, args.overrides)
     start = time.time()
-    with lifecycle.opened_runs(uri, runs[0].cfg.tracking.experiment) as mlflow_runs:
+    with lifecycle.opened_runs(uri, runs[0].cfg.tracking, config_dir) as mlflow_runs:
         parent = mlflow_runs.start(
             f"ablation {name}",
             {"stage": "ablation", "ablation_grid": str(grid_path), "smoke": args.smoke,

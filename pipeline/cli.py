@@ -8,6 +8,7 @@
     python -m pipeline leaderboard [CONFIG] [--model MODEL_URI] [--smoke]
     python -m pipeline schedule install|show|remove [CONFIG] [--crontab-file FILE] [--systemd]
     python -m pipeline predict MODEL --task sst|para|sts FILE [--out OUT.csv] [--config CONFIG] [--smoke]
+    python -m pipeline sync [CONFIG]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ VERBS = {
     "leaderboard": "pipeline.leaderboard",
     "schedule": "pipeline.schedule",
     "predict": "pipeline.predict",
+    "sync": "pipeline.sync",
 }
 
 
@@ -46,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_status(command) -> int:
     """Run a verb; what stopped it, as one line on stderr and the exit status: 2 for a config
     error, 3 for an unreachable MLflow server, 1 for a failed stage, 130 for Ctrl-C, 143 for
-    SIGTERM. (The verb has already ended its MLflow runs FAILED or KILLED on the way out.)"""
+    SIGTERM; 4 when the work is done but a server that stopped answering left part of its record
+    kept for later (tracking.on_unreachable: error; 0 under local), said in one line. (The verb has already ended its MLflow runs FAILED or KILLED on the way out.)"""
     from pipeline.dag import StageFailed
 
     try:
-        return command()
+        status = command()
+        line, unsent_status = lifecycle.unsent_outcome()
+        if line:
+            print(f"\n{line}", file=sys.stderr)
+        return status or unsent_status
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -59,11 +66,19 @@ def _exit_status(command) -> int:
         return 3
     except StageFailed as e:
         print(f"\nerror: {e}\nfinished stages stay cached: the same command continues from them", file=sys.stderr)
+        _say_unsent()
         return 1
     except KeyboardInterrupt:
         how = lifecycle.interruption()
         print(f"\n{how}; finished stages stay cached: the same command continues from them", file=sys.stderr)
+        _say_unsent()
         return 143 if how == lifecycle.TERMINATED else 130
+
+
+def _say_unsent() -> None:
+    line, _ = lifecycle.unsent_outcome()
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="read and write this file instead of the user's crontab (tests, or to review first)")
     schedule.add_argument("--systemd", action="store_true",
                           help="with install: print a systemd service + timer for the schedule instead of using cron")
+
+    sync = verbs.add_parser("sync", help="send to MLflow what commands on this config kept when the tracking "
+                                         "server stopped answering (the next command on it does too)")
+    sync.add_argument("config", nargs="?", default="pipeline.yaml", help="experiment YAML (default: pipeline.yaml)")
 
     predict = verbs.add_parser("predict", help="a model's predictions for a file in the CS224N layout, one line per row")
     predict.add_argument("model", metavar="MODEL",

@@ -288,9 +288,9 @@ class TrackingConfig:
     # null: sqlite store mlruns/mlflow.db beside the config. MLFLOW_TRACKING_URI wins.
     uri: str | None = None
     experiment: str = "minbert-multitask"
-    # An unreachable tracking server: error stops before any stage runs; local logs to the
-    # sqlite store mlruns/mlflow.db beside the config instead, and says so.
+    # Server down at the start: error stops before any stage, local logs to mlruns/ here instead.
     on_unreachable: Literal["error", "local"] = "error"
+    retry_seconds: float = 15.0  # per call, then what is not recorded is kept: docs/operations.md
 
 
 @dataclass

@@ -23,7 +23,7 @@ def validate(cfg, where: str = "config") -> None:
             raise ConfigError(f"{where}: {key} must be > 0, got {value!r}")
 
     for key in ("train.batch_size", "train.eval_batch_size", "train.epochs", "train.lr",
-                "mlm.batch_size", "mlm.epochs", "mlm.lr", "data.max_length"):
+                "mlm.batch_size", "mlm.epochs", "mlm.lr", "data.max_length", "tracking.retry_seconds"):
         positive(key, get(cfg, key))
     for key in ("train.steps_per_epoch", "mlm.max_steps", "data.max_rows"):
         positive(key, get(cfg, key), allow_none=True)

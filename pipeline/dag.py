@@ -61,6 +61,7 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 # Config a stage reads that cannot change its output: not part of the cache key.
 NOT_IN_KEY = ("train.checkpoint_every", "mlm.checkpoint_every")
 CHECKPOINT_DIR = "checkpoint"  # a stage that can resume keeps its checkpoint in out/checkpoint/
+UNSENT = "unsent_records"  # a stage task's tracking records its server did not take, for the driver to keep
 
 
 @dataclass
@@ -237,6 +238,7 @@ def execute_many(runs: list[tuple[list[PlannedStage], RunContext, dict[str, str]
             name=label, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, max_retries=opts.max_retries,
         ).remote(name, key, input_keys, ctx, run_id, p.forced, *upstream)
 
+    kept_from: set[tuple[str, str]] = set()
     for i, (planned, ctx, _) in enumerate(runs):
         results = outcomes[i]
         for p in planned:
@@ -248,6 +250,10 @@ def execute_many(runs: list[tuple[list[PlannedStage], RunContext, dict[str, str]
             retries = getattr(ctx.cfg.stages, p.stage.name).max_retries
             try:
                 results[p.stage.name] = ray.get(refs[(p.stage.name, p.key)])
+                unsent = results[p.stage.name].pop(UNSENT, [])
+                if (p.stage.name, p.key) not in kept_from:  # a task shared by plans hands its records over once
+                    tracking.keep_all(unsent)
+                    kept_from.add((p.stage.name, p.key))
             except ray.exceptions.RayTaskError as e:
                 outcomes[i] = StageFailed(f"stage {p.stage.name} failed:\n{_cause(e)}", p.stage.name, results)
             except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) on every attempt
@@ -304,12 +310,14 @@ def _wait_quietly(ray, ref) -> None:
 
 
 def run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, run_id: str,
-              forced: bool = False, *_upstream) -> dict:
+              forced: bool = False, *_upstream, in_driver: bool = False) -> dict:
     """One stage, here: the body of its Ray task, and what runs a small stage in the driver
     (leaderboard's data_prep). Under its key's lock, the stable scratch folder in (resumed
     from its checkpoint or emptied), the published output and result out."""
     stage = next(s for s in STAGES if s.name == name)
     _use_reserved_cpus(getattr(ctx.cfg.stages, name).num_cpus)
+    if not in_driver:  # a Ray worker: what its server does not take goes back with the result
+        tracking.configure(ctx.cfg.tracking.retry_seconds)
     store = ArtifactStore(ctx.store_location)
     attempt = tracking.next_attempt(ctx.tracking_uri, run_id)
     if attempt > 1:
@@ -347,7 +355,7 @@ def run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, 
         result["seconds"] = round(time.time() - start, 2)
         result.setdefault("metrics", {}).update(_peak_memory())
         store.publish(name, key, scratch, result, replace=forced)
-        return result
+        return {**result, UNSENT: tracking.take_kept()} if not in_driver else result
     finally:
         lock.release()
 

@@ -76,7 +76,7 @@ def make_submission(cfg: PipelineConfig, store: ArtifactStore, uri: str, choice:
     key = submission_key(fingerprint, data_prep.key)
     print(f"leaderboard: model {choice.uri} ({choice.how}"
           f"{f', {METRIC} {choice.score:.4f}' if choice.score is not None else ''}); submission key {key}")
-    with lifecycle.opened_runs(uri, cfg.tracking.experiment) as runs:
+    with lifecycle.opened_runs(uri, cfg.tracking, config_path.parent) as runs:
         earlier = None if force else earlier_submission(uri, runs.experiment_id, key)
         if earlier is not None:
             tags = earlier.data.tags
@@ -94,7 +94,8 @@ def make_submission(cfg: PipelineConfig, store: ArtifactStore, uri: str, choice:
         if not data_prep.cached:  # one small CPU stage: here, without Ray, with its own child run
             print("leaderboard: data_prep is not cached for this config; running it here")
             prep_run = runs.start("data_prep", lifecycle.stage_tags(data_prep, "none"), parent=run_id, params=params)
-            result = dag.run_stage("data_prep", data_prep.key, {}, dag.RunContext(cfg, store.location, uri), prep_run)
+            result = dag.run_stage("data_prep", data_prep.key, {}, dag.RunContext(cfg, store.location, uri), prep_run,
+                                   in_driver=True)
             lifecycle.record_stage(uri, prep_run, result)
             runs.end(prep_run)
         data_dir = store.local_dir("data_prep", data_prep.key)

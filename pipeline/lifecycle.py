@@ -2,7 +2,7 @@
 and how each of them ends.
 
     uri = tracking_uri_for(cfg, config_dir)             # raises TrackingUnreachable (exit 3)
-    with opened_runs(uri, cfg.tracking.experiment) as runs:   # also marks stale runs KILLED
+    with opened_runs(uri, cfg.tracking, config_dir) as runs:  # sends kept records, marks stale runs KILLED
         parent = runs.start("pipeline", {"stage": "pipeline", ...}, params=flatten(cfg))
         stage_runs = start_stage_runs(runs, planned, parent, ablation, params)
         ...                                              # run the stages
@@ -14,6 +14,10 @@ open FAILED (KILLED for Ctrl-C) with the error as its `error` tag, and leaving i
 ends the rest FINISHED, so no command leaves a run RUNNING. A driver killed with SIGKILL can
 close nothing; every run therefore carries its driver's pid, host and start time, and the
 next command on the same experiment marks RUNNING runs whose driver is gone KILLED.
+
+A server that stops answering mid-command does not stop it: each MLflow call waits at most
+tracking.retry_seconds, and what is not recorded is kept under mlruns/unsent/ beside the
+config (tracking.py), sent by the next command on that config before it opens its own runs.
 """
 
 from __future__ import annotations
@@ -122,11 +126,45 @@ class Runs:
                 self.end(run_id, status, error)
 
 
+UNSENT_STATUS = 4  # the work is done, part of its record is kept for later, under on_unreachable: error
+_on_unreachable = "error"
+
+
+def unsent_outcome() -> tuple[str | None, int]:
+    """(the line saying what this command could not record and how it will be, or None; the exit
+    status it asks for: UNSENT_STATUS under tracking.on_unreachable: error, else 0)."""
+    line = tracking.unsent_line()
+    return line, (UNSENT_STATUS if line and _on_unreachable == "error" else 0)
+
+
+def unsent_dir(config_dir: Path) -> Path:
+    """Where a command keeps the tracking records a server that stopped answering did not take."""
+    return config_dir / "mlruns" / "unsent"
+
+
+def send_unsent(config_dir: Path) -> int:
+    """Send what earlier commands on this config kept; said in one line. Records left (the
+    server still not answering): how many."""
+    sent, left, run_ids = tracking.send_unsent(unsent_dir(config_dir))
+    if sent:
+        print(f"MLflow: sent {sent} record(s) kept by an earlier command when the server did not answer "
+              f"(runs {', '.join(sorted(r[:8] for r in run_ids))})", file=sys.stderr)
+    if left:
+        print(f"MLflow: {left} kept record(s) still not sent (the server does not answer); they stay in "
+              f"{unsent_dir(config_dir)}", file=sys.stderr)
+    return left
+
+
 @contextmanager
-def opened_runs(uri: str, experiment: str) -> Iterator[Runs]:
+def opened_runs(uri: str, tracking_cfg, config_dir: Path) -> Iterator[Runs]:
     """The experiment (created by the driver first: trials creating it at once race on sqlite),
-    its stale runs closed, and a Runs whose every run is ended when the block is left."""
-    experiment_id = tracking.ensure_experiment(uri, experiment)
+    what earlier commands kept sent, its stale runs closed, and a Runs whose every run is ended
+    when the block is left."""
+    global _on_unreachable
+    _on_unreachable = tracking_cfg.on_unreachable
+    tracking.configure(tracking_cfg.retry_seconds, unsent_dir(config_dir))
+    experiment_id = tracking.ensure_experiment(uri, tracking_cfg.experiment)
+    send_unsent(config_dir)  # before the stale check: a kept record may be the run's own end
     stale = mark_stale_runs(uri, experiment_id)
     if stale:
         print(f"MLflow: marked {len(stale)} run(s) KILLED whose driver process is gone "

@@ -29,7 +29,7 @@ def main(args) -> int:
     uri = lifecycle.tracking_uri_for(cfg, prepared.config_dir)
     params = flatten(cfg)
     start = time.time()
-    with lifecycle.opened_runs(uri, cfg.tracking.experiment) as runs:
+    with lifecycle.opened_runs(uri, cfg.tracking, prepared.config_dir) as runs:
         parent = runs.start("smoke" if args.smoke else "pipeline",
                             {"stage": "pipeline", "ablation": prepared.ablation, "smoke": args.smoke,
                              "config_file": str(prepared.config_path)}, params=params)

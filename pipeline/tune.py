@@ -66,7 +66,7 @@ def main(args) -> int:
     planned = [p for p in dag.plan(with_reference(cfg), store) if p.stage.name in PRE_STAGES]
     params = flatten(cfg)
 
-    with lifecycle.opened_runs(uri, cfg.tracking.experiment) as runs:
+    with lifecycle.opened_runs(uri, cfg.tracking, config_path.parent) as runs:
         if not args.resume:
             exp_dir.mkdir(parents=True, exist_ok=True)
             (exp_dir / "base_config.yaml").write_text(dump_yaml(cfg))

@@ -5,20 +5,16 @@ every report grid (search_spaces/ablations/reports/) with its published numbers 
 import csv
 import io
 import json
-import os
 import re
 import shutil
-import socket
+import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipeline.grids import load_grid_with_published
-from tests.conftest import REPO, mlflow_runs, run_pipeline, write_experiment
+from tests.conftest import REPO, MlflowServer, mlflow_runs, run_pipeline, write_experiment
 
 GRID = """# test grid: two variants
 variants:
@@ -29,40 +25,12 @@ SEEDS = 2
 REPORT_GRIDS = sorted((REPO / "search_spaces" / "ablations" / "reports").glob("*.yaml"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real tracking server: sqlite backend, artifacts proxied over HTTP to a temp folder."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not come up: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server.url
+    server.kill(signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ LAYERS = [
     ["prepare", "registry", "comparison", "lifecycle"],
     ["dag", "differences"],
     ["tuning"],
-    ["run", "ablate", "tune", "report", "leaderboard", "submit", "schedule", "predict"],  # the verbs
+    ["run", "ablate", "tune", "report", "leaderboard", "submit", "schedule", "predict", "sync"],  # the verbs
     ["cli"],
     ["__main__"],
 ]

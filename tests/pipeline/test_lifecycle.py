@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import lifecycle, tracking
-from pipeline.config import SMOKE_OVERRIDES, load_config
+from pipeline.config import SMOKE_OVERRIDES, TrackingConfig, load_config
 from pipeline.constants import DRIVER_HOST_TAG, DRIVER_PID_TAG, DRIVER_START_TAG, ERROR_TAG
 from pipeline.prepare import prepare
 from tests.conftest import REPO, mlflow_runs, run_pipeline, write_experiment
@@ -64,18 +64,18 @@ def test_set_has_the_last_word_over_the_variant_and_smoke(tmp_path):
 
 def test_leaving_the_block_ends_every_open_run(tmp_path):
     uri = tracking.local_uri(tmp_path)
-    with lifecycle.opened_runs(uri, "ends") as runs:
+    with lifecycle.opened_runs(uri, TrackingConfig(experiment="ends"), tmp_path) as runs:
         parent = runs.start("parent", {"stage": "pipeline"})
         child = runs.start("child", {"stage": "finetune"}, parent=parent)
     with pytest.raises(RuntimeError, match="boom"):
-        with lifecycle.opened_runs(uri, "ends") as runs:
+        with lifecycle.opened_runs(uri, TrackingConfig(experiment="ends"), tmp_path) as runs:
             failed_parent = runs.start("parent", {"stage": "pipeline"})
             tagged = runs.start("child", {"stage": "finetune"}, parent=failed_parent)
             tracking.set_tags(uri, tagged, {ERROR_TAG: "the stage's own traceback"})
             runs.start("child2", {"stage": "evaluate"}, parent=failed_parent)
             raise RuntimeError("boom")
     with pytest.raises(KeyboardInterrupt):
-        with lifecycle.opened_runs(uri, "ends") as runs:
+        with lifecycle.opened_runs(uri, TrackingConfig(experiment="ends"), tmp_path) as runs:
             killed = runs.start("parent", {"stage": "pipeline"})
             raise KeyboardInterrupt
     client, all_runs = mlflow_runs(uri, "ends")
