@@ -17,10 +17,12 @@ import argparse
 import importlib
 import signal
 import sys
+from pathlib import Path
 
 from pipeline import lifecycle
 from pipeline.config import ConfigError
 from pipeline.lifecycle import TrackingUnreachable
+from pipeline.store import disk_full
 
 # verb -> the module whose main(args) runs it, imported only when chosen (tune imports Ray Tune).
 VERBS = {
@@ -64,6 +66,12 @@ def _exit_status(command) -> int:
     except TrackingUnreachable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OSError as e:  # the driver's own writes (a local MLflow artifact store, a download)
+        full = disk_full(e, Path(e.filename or ".").parent)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 1
     except StageFailed as e:
         print(f"\nerror: {e}\nfinished stages stay cached: the same command continues from them", file=sys.stderr)
         _say_unsent()

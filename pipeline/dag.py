@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline import tracking
 from pipeline.config import ConfigError, PipelineConfig, get
 from pipeline.constants import ERROR_TAG, REFERENCE_STAGE, REPO, error_text
-from pipeline.store import ArtifactStore
+from pipeline.store import ArtifactStore, disk_full, file_sha256
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,10 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, force: list[str] = ()) -> li
         # A forced stage re-runs, and so does everything downstream of a re-run.
         forced = "all" in force or stage.name in force or any(n in forced_names for n in inputs)
         cached = not forced and not any(n in rerun for n in inputs) and store.is_finished(stage.name, keys[stage.name])
+        damage = store.damaged(stage.name, keys[stage.name]) if cached else None
+        if damage:  # a file changed on disk after publishing: never handed out, the stage runs again
+            print(f"cache: {damage}; {stage.name} and the stages after it run again", flush=True)
+            cached, forced = False, True
         if not cached:
             rerun.add(stage.name)
         if forced:
@@ -155,21 +159,10 @@ def _fingerprints(cfg: PipelineConfig, stage: Stage) -> dict:
     return out
 
 
-_HASHES: dict[tuple, str] = {}
-
-
 def _file_hash(path: Path) -> str:
     if not path.exists():
         return "missing"  # data_prep reports the missing file with a proper message
-    stat = path.stat()
-    memo = (str(path), stat.st_size, stat.st_mtime_ns)
-    if memo not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[memo] = h.hexdigest()[:16]
-    return _HASHES[memo]
+    return file_sha256(path)[:16]
 
 
 def _jsonable(value):
@@ -346,15 +339,20 @@ def run_stage(name: str, key: str, input_keys: dict[str, str], ctx: RunContext, 
         start = time.time()
         try:
             result = importlib.import_module(stage.module).run(ctx.cfg, inputs, scratch, log)
-        except BaseException:
-            tracking.set_tags(ctx.tracking_uri, run_id, {ERROR_TAG: error_text(traceback.format_exc())})
-            if not (scratch / CHECKPOINT_DIR).is_dir():
-                store.discard(scratch)  # nothing to resume from; a checkpoint stays for the re-run
+            result = _relative_paths(dict(result or {}), scratch)
+            result["seconds"] = round(time.time() - start, 2)
+            result.setdefault("metrics", {}).update(_peak_memory())
+            store.publish(name, key, scratch, result, replace=forced)
+        except BaseException as e:
+            full = disk_full(e, scratch) if isinstance(e, Exception) else None
+            tracking.set_tags(ctx.tracking_uri, run_id, {ERROR_TAG: error_text(full or traceback.format_exc())})
+            if full or not (scratch / CHECKPOINT_DIR).is_dir():
+                # Nothing to resume from, or a full disk: the half-written folder goes, freeing its space
+                # (a checkpoint written as the disk filled may be half-written too).
+                store.discard(scratch)
+            if full:
+                raise full from None
             raise
-        result = _relative_paths(dict(result or {}), scratch)
-        result["seconds"] = round(time.time() - start, 2)
-        result.setdefault("metrics", {}).update(_peak_memory())
-        store.publish(name, key, scratch, result, replace=forced)
         return {**result, UNSENT: tracking.take_kept()} if not in_driver else result
     finally:
         lock.release()

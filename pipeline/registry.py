@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.constants import METRIC, is_remote
-from pipeline.store import ArtifactStore
+from pipeline.store import ArtifactStore, damaged_folder
 
 CHAMPION = "champion"
 
@@ -131,7 +131,7 @@ def _pipeline_run_model(client, experiment_id: str, run, store: ArtifactStore) -
         if candidate.is_finished("finetune", key):
             folder = candidate.local_dir("finetune", key) / "model"
             if (folder / "multitask.json").is_file():
-                return folder
+                return _intact(folder, f"run {run.info.run_id}'s model")
     return None
 
 
@@ -153,8 +153,17 @@ def model_folder(path: Path, label: str) -> Path:
     """The folder holding multitask.json: `path` itself, or its `model/` (a finetune output)."""
     for candidate in (path, path / "model"):
         if (candidate / "multitask.json").is_file():
-            return candidate
+            return _intact(candidate, label)
     raise LookupError(f"{label}: no multitask.json in {path} or {path / 'model'}: not a finetune model folder")
+
+
+def _intact(folder: Path, label: str) -> Path:
+    """`folder`, after checking it against the manifest of the published output it is in."""
+    damage = damaged_folder(folder)
+    if damage:
+        raise LookupError(f"{label}: the model is damaged: {damage}; `run` of its config finds this too "
+                          f"and trains it again")
+    return folder
 
 
 def promote_champion(uri: str, name: str, version: str, score: float) -> bool:

@@ -1,7 +1,10 @@
 """Where stage outputs live: `<root>/<stage>/<cache key>/`, root a folder or a pyarrow.fs URI.
 
 A stage writes into a scratch folder; publishing moves it into place and writes `_SUCCESS`
-last, so a half-written output is never a cache hit.
+last, so a half-written output is never a cache hit. Publishing also writes `_MANIFEST.json`,
+every file's size and sha256: a cache hit checks the sizes, and the hashes too where hashing
+costs at most HASH_SHARE of the stage's own run time (measured when published), so a file
+damaged or deleted on disk later is found before it is handed out (`damaged`).
 
 The scratch folder of a running stage is stable, `<root>/<stage>/.<key>.partial/` (for a
 remote store, the same under the local temp folder), so a stage killed half-way (kill -9, a
@@ -13,11 +16,14 @@ the first's published output (see `claim`).
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -27,6 +33,8 @@ from pipeline.constants import is_remote
 
 SUCCESS = "_SUCCESS"
 RESULT = "result.json"
+MANIFEST = "_MANIFEST.json"
+HASH_SHARE = 0.02  # hashes are checked on a cache hit when hashing took at most this share of the stage's run
 
 
 class ArtifactStore:
@@ -79,6 +87,7 @@ class ArtifactStore:
         unless `replace` (a forced re-run), which swaps the new one in.
         """
         (scratch / RESULT).write_text(json.dumps(result, indent=2, default=str))
+        write_manifest(Path(scratch), result.get("seconds"))
         final = self.path(stage, key)
         if self.is_local:
             (scratch / SUCCESS).write_text("")
@@ -112,8 +121,143 @@ class ArtifactStore:
             pafs.copy_files(self.path(stage, key), str(target), source_filesystem=self.fs)
         return target
 
+    def damaged(self, stage: str, key: str) -> str | None:
+        """None when the finished output is as it was published (or predates manifests); else
+        one line naming the first file that is missing, of another size or (local stores, where
+        the manifest says hashing is cheap) of other content."""
+        base = self.path(stage, key)
+        try:
+            with self.fs.open_input_stream(f"{base}/{MANIFEST}") as f:
+                manifest = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            return f"{base}/{MANIFEST}: unreadable ({type(e).__name__}: {e})"
+        for rel, entry in manifest["files"].items():
+            info = self.fs.get_file_info(f"{base}/{rel}")
+            if info.type == pafs.FileType.NotFound:
+                return f"{base}/{rel}: missing (published with {entry['size']} bytes)"
+            if info.size != entry["size"]:
+                return f"{base}/{rel}: {info.size} bytes, published with {entry['size']}"
+        if self.is_local and manifest.get("check_hashes"):
+            for rel, entry in manifest["files"].items():
+                if file_sha256(Path(base) / rel) != entry["sha256"]:
+                    return f"{base}/{rel}: its content changed after it was published (sha256 differs)"
+        return None
+
     def discard(self, scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_manifest(folder: Path, stage_seconds: float | None) -> None:
+    """`folder/_MANIFEST.json`: each file's size and sha256, how long hashing took, and whether
+    a cache hit should check the hashes (hashing at most HASH_SHARE of the stage's seconds)."""
+    start = time.perf_counter()
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name not in (SUCCESS, MANIFEST):
+            files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    seconds = time.perf_counter() - start
+    check = stage_seconds is None or seconds <= HASH_SHARE * stage_seconds
+    (folder / MANIFEST).write_text(json.dumps({"files": files, "hash_seconds": round(seconds, 4),
+                                               "check_hashes": check}, indent=1))
+
+
+def damaged_folder(folder: Path) -> str | None:
+    """`damaged` for a folder inside a published local output (a model folder handed to predict
+    or leaderboard): the manifest of the output it is in, checked for the files under it, sizes
+    and hashes. None when it is intact or is in no published output."""
+    folder = Path(folder).resolve()
+    for root in (folder, *folder.parents[:2]):
+        if (root / MANIFEST).is_file():
+            break
+    else:
+        return None
+    try:
+        files = json.loads((root / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{root / MANIFEST}: unreadable ({type(e).__name__}: {e})"
+    inside = folder.relative_to(root)
+    for rel, entry in files.items():
+        path = root / rel
+        if inside != Path(".") and inside not in Path(rel).parents:
+            continue
+        if not path.is_file():
+            return f"{path}: missing (published with {entry['size']} bytes)"
+        if path.stat().st_size != entry["size"]:
+            return f"{path}: {path.stat().st_size} bytes, published with {entry['size']}"
+        if file_sha256(path) != entry["sha256"]:
+            return f"{path}: its content changed after it was published (sha256 differs)"
+    return None
+
+
+class DiskFull(OSError):
+    """A stage (or the driver) ran out of disk: the one line says where and how much is free."""
+
+
+LOW_SPACE = 1 << 20  # below this many free bytes, a write error without errno (torch's own writer) is the disk
+
+
+def disk_full(error: BaseException, writing: Path) -> DiskFull | None:
+    """A DiskFull naming the filesystem, the file being written and the free space, when
+    `error` (or what caused it) is ENOSPC, or is an OSError/RuntimeError with the disk under
+    `writing` all but full (torch's checkpoint writer reports "unexpected pos" without errno)."""
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    enospc = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain)
+    existing = Path(writing)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if not enospc and not (isinstance(error, (OSError, RuntimeError)) and free < LOW_SPACE):
+        return None
+    path = next((e.filename for e in chain if isinstance(e, OSError) and e.filename), None) or _newest_file(writing)
+    how = "" if enospc else f"; the error: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    return DiskFull(f"no space left on {_filesystem(existing)} writing {path} ({_bytes(free)} free){how}")
+
+
+def _newest_file(folder: Path) -> Path:
+    """The file last written under `folder` (the half-written one), else the folder."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file()] if Path(folder).is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else Path(folder)
+
+
+def _filesystem(path: Path) -> str:
+    """The mount point holding `path`, with its type from /proc/mounts: e.g. "/mnt/scratch (tmpfs)"."""
+    mount = Path(path).resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    try:
+        types = {fields[1]: fields[2] for fields in (line.split() for line in open("/proc/mounts")) if len(fields) > 2}
+    except OSError:
+        types = {}
+    return f"{mount} ({types[str(mount)]})" if str(mount) in types else str(mount)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+_SHA256: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, computed once per (path, size, mtime) in this process."""
+    stat = path.stat()
+    memo = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256[memo] = h.hexdigest()
+    return _SHA256[memo]
 
 
 class StageLock:

@@ -7,7 +7,6 @@ Nothing here is mocked: `python -m pipeline run --smoke` in a subprocess on a lo
 
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -82,3 +81,110 @@ def test_tracking_server_killed_mid_stage_the_work_finishes_and_the_next_run_rec
     # Every finetune epoch of the first run reached its run: logged before the kill, or kept and sent.
     assert sorted(m.step for m in epochs) == [1, 2, 3]
     assert children_of(runs, parents[1])["finetune"].data.tags["cache_hit"] == "True"
+
+
+# ---------------------------------------------------------------- a cache damaged on disk
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shared_data_dir):
+    """A workdir holding one finished smoke run (local sqlite MLflow store)."""
+    work = make_workdir(tmp_path_factory.mktemp("damaged"), "work", shared_data_dir)
+    done = finish(start_cli(work))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def _plan(work: Path) -> dict:
+    """{stage: (cached, forced)} of the plan a `run exp.yaml --smoke` would make now."""
+    from pipeline import dag
+    from pipeline.prepare import prepare
+    from pipeline.store import ArtifactStore
+
+    prepared = prepare(work / "exp.yaml", [], smoke=True)
+    return {p.stage.name: (p.cached, p.forced) for p in dag.plan(prepared.cfg, ArtifactStore(prepared.store_location))}
+
+
+@pytest.mark.parametrize("damage, file, rerun", [
+    ("truncated", "data_prep/*/sst-train.arrow", STAGES),
+    ("truncated", "finetune/*/model/model.safetensors", ("finetune", "evaluate")),
+    ("deleted", "evaluate/*/predictions/sts-dev-output.csv", ("evaluate",)),
+    ("same size, other bytes", "finetune/*/model/heads.safetensors", ("finetune", "evaluate")),
+])
+def test_a_damaged_cached_output_is_named_and_its_stage_runs_again(finished, damage, file, rerun, capsys):
+    path = next((finished / "artifacts").glob(file))
+    original = path.read_bytes()
+    assert all(cached for cached, _ in _plan(finished).values())
+    try:
+        if damage == "truncated":
+            path.write_bytes(original[:100])
+        elif damage == "deleted":
+            path.unlink()
+        else:
+            path.write_bytes(original[:-8] + bytes(255 - b for b in original[-8:]))
+        plan = _plan(finished)
+        printed = capsys.readouterr().out
+    finally:
+        path.write_bytes(original)
+    assert {name for name, (cached, _) in plan.items() if not cached} == set(rerun)
+    assert all(forced for name, (_, forced) in plan.items() if name in rerun)  # replaces the damaged output
+    expected = {"truncated": f"{path}: 100 bytes, published with {len(original)}",
+                "deleted": f"{path}: missing (published with {len(original)} bytes)",
+                "same size, other bytes": f"{path}: its content changed after it was published (sha256 differs)"}[damage]
+    assert printed == f"cache: {expected}; {rerun[0]} and the stages after it run again\n"
+
+
+def test_a_run_after_damaged_weights_trains_again_and_predict_refuses_them(finished):
+    from pipeline.registry import given_model
+
+    weights = next((finished / "artifacts").glob("finetune/*/model/model.safetensors"))
+    scores = json.loads(next((finished / "artifacts").glob("evaluate/*/result.json")).read_text())["metrics"]
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(LookupError, match=f"the model is damaged: {weights}: 1000 bytes, published with "):
+        given_model("", str(weights.parent), Path("/nonexistent"))
+
+    again = finish(start_cli(finished))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"cache: {weights}: 1000 bytes, published with " in again.stdout
+    assert "finetune and the stages after it run again" in again.stdout
+    assert weights.stat().st_size > 1000 and given_model("", str(weights.parent), Path("/nonexistent"))
+    rerun = json.loads(next((finished / "artifacts").glob("evaluate/*/result.json")).read_text())["metrics"]
+    assert all(rerun[k] == scores[k] for k in scores if k.startswith("dev/"))  # same config and seed, same scores
+    assert _plan(finished) == {name: (True, False) for name in STAGES}
+    assert not list((finished / "artifacts").rglob(".*.partial"))
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs, mounted for the test (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_disk_that_fills_mid_finetune_says_so_and_leaves_no_partial_folder(small_disk, tmp_path, shared_data_dir):
+    work = make_workdir(tmp_path, "work", shared_data_dir)
+    config = work / "exp.yaml"
+    config.write_text(config.read_text() + f"artifacts: {small_disk / 'artifacts'}\n")
+    done = finish(start_cli(work, *LONG_FINETUNE))
+    assert done.returncode == 1, done.stderr[-3000:]
+    line = next(x for x in done.stderr.splitlines() if "no space left on" in x)
+    assert line.startswith(f"pipeline.store.DiskFull: no space left on {small_disk} (tmpfs) writing "
+                           f"{small_disk / 'artifacts' / 'finetune'}/")
+    assert " free)" in line and "Traceback" not in done.stderr
+    assert not list((small_disk / "artifacts").rglob(".*.partial"))  # the half-written folder is gone
+    assert list((small_disk / "artifacts").glob("data_prep/*/_SUCCESS"))  # what finished stays
+    _, runs = mlflow_runs(work, "reliability")
+    status = {r.data.tags["stage"]: r.info.status for r in runs}
+    assert status["pipeline"] == status["finetune"] == status["evaluate"] == "FAILED"
+    assert status["data_prep"] == "FINISHED"
+    assert "no space left on" in next(r for r in runs if r.data.tags["stage"] == "finetune").data.tags["error"]
