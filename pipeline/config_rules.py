@@ -62,6 +62,8 @@ def validate(cfg, where: str = "config") -> None:
 DATASET_FIELDS = {"sst": ("id", "sentence", "label"), "para": ("id", "sentence1", "sentence2", "label"),
                   "sts": ("id", "sentence1", "sentence2", "label")}
 METRIC_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# The pair heads without weights of their own: the score is computed from the two sentence vectors.
+PARAMETER_FREE_HEADS = {"para": ("cosine",), "sts": ("cosine", "dot")}
 
 
 def _check_dataset_files(cfg, where: str) -> None:
@@ -187,6 +189,14 @@ def _check_technique_combinations(cfg, where: str) -> None:
                           f"set train.epochs to {longest}")
     if m.freeze_encoder and t.layerwise_lr_decay != 1.0:
         raise ConfigError(f"{where}: train.layerwise_lr_decay has no effect with model.freeze_encoder: true")
+    # A frozen encoder without PALs leaves a parameter-free pair head's task nothing to train
+    # (finetune logs its loss without a gradient); when that is every trained task, nothing trains.
+    free = [f"model.{task}.head: {getattr(m, task).head}" for task in trained
+            if task != "sst" and getattr(m, task).head in PARAMETER_FREE_HEADS[task]]
+    if m.freeze_encoder and not m.pals.enabled and trained and len(free) == len(trained):
+        raise ConfigError(f"{where}: model.freeze_encoder: true (no PALs) with {' and '.join(free)} and "
+                          f"loss.weights.sst 0: no trained task has a parameter to train; give a task a head "
+                          f"with parameters, train sst, enable model.pals or unfreeze the encoder")
     if not 0 < t.layerwise_lr_decay <= 1:
         raise ConfigError(f"{where}: train.layerwise_lr_decay must be in (0, 1], got {t.layerwise_lr_decay}")
     if not 0.0 <= t.ema_decay < 1.0:

@@ -248,7 +248,8 @@ def execute_many(runs: list[tuple[list[PlannedStage], RunContext, dict[str, str]
                     tracking.keep_all(unsent)
                     kept_from.add((p.stage.name, p.key))
             except ray.exceptions.RayTaskError as e:
-                outcomes[i] = StageFailed(f"stage {p.stage.name} failed:\n{_cause(e)}", p.stage.name, results)
+                # The cause on the first line: a verb's one console line is this message's first line.
+                outcomes[i] = StageFailed(f"stage {p.stage.name} failed: {_cause(e)}", p.stage.name, results)
             except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) on every attempt
                 outcomes[i] = StageFailed(
                     f"stage {p.stage.name} failed: its Ray worker died on each of {retries + 1} attempt(s) "

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pipeline import dag, lifecycle, tracking
 from pipeline.config import ConfigError, PipelineConfig, flatten
-from pipeline.constants import METRIC, REPO
+from pipeline.constants import METRIC, REPO, error_text
 from pipeline.prepare import prepare
 from pipeline.registry import ModelChoice, choose_model
 from pipeline.store import ArtifactStore
@@ -94,8 +94,11 @@ def make_submission(cfg: PipelineConfig, store: ArtifactStore, uri: str, choice:
         if not data_prep.cached:  # one small CPU stage: here, without Ray, with its own child run
             print("leaderboard: data_prep is not cached for this config; running it here")
             prep_run = runs.start("data_prep", lifecycle.stage_tags(data_prep, "none"), parent=run_id, params=params)
-            result = dag.run_stage("data_prep", data_prep.key, {}, dag.RunContext(cfg, store.location, uri), prep_run,
-                                   in_driver=True)
+            ctx = dag.RunContext(cfg, store.location, uri)
+            try:
+                result = dag.run_stage("data_prep", data_prep.key, {}, ctx, prep_run, in_driver=True)
+            except Exception as e:  # as a stage failing in a Ray task ends a verb: one line, exit status 1
+                raise dag.StageFailed(f"stage data_prep failed: {error_text(e)}", "data_prep", {}) from e
             lifecycle.record_stage(uri, prep_run, result)
             runs.end(prep_run)
         data_dir = store.local_dir("data_prep", data_prep.key)

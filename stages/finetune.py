@@ -16,6 +16,8 @@ is AdamW (layer-wise LR decay, optionally inside Lookahead), its lr following tr
 train.task_epochs ends a task's training after its own epochs, train.data_fraction trains a task
 on a random part of its train split. With train.ema_decay, torch's AveragedModel keeps an
 exponential moving average of the weights, and that average is what each epoch end scores and saves.
+With model.freeze_encoder and no PALs, a parameter-free pair head (sts cosine or dot, para cosine)
+leaves its task nothing to train: that loss is logged without a gradient, the other tasks train.
 After each epoch every dev split is predicted and scored; the best epoch by dev/overall is
 saved to out/model (encoder as a HuggingFace BERT folder + heads), and out/history.json keeps
 the per-epoch metrics. Starts from mlm_pretrain's model when that stage ran, else cfg.model.dir.
@@ -177,6 +179,7 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             "total_examples": total_examples, "total_seconds": total_seconds})
 
     # ---- the epoch loop
+    untrained = set()  # the tasks said to have no gradient (_with_gradient), each said once
     for epoch, steps in enumerate(plan, start=1):
         if epoch < resume_at[0]:
             continue
@@ -236,11 +239,14 @@ def run(cfg, inputs: dict, out: Path, log) -> dict:
             if not task_losses:
                 progress.update(done)  # the step still counts: the epoch's length is the plan's
                 continue  # an sts-only step whose batch had too few MNR positives
-            if tc.pcgrad:
+            # A step whose losses have no gradient still steps the optimizer (a no-op without
+            # gradients) and the schedule: the other tasks' lr stays the plan's, frozen or not.
+            task_losses = _with_gradient(task_losses, model, untrained)
+            if tc.pcgrad and task_losses:
                 pcgrad_backward(task_losses, trainable, rng)
-            else:
+            elif task_losses:
                 sum(task_losses.values()).backward()
-            if tc.grad_clip and tc.grad_clip > 0:
+            if tc.grad_clip and tc.grad_clip > 0 and task_losses:
                 norm = torch.nn.utils.clip_grad_norm_(trainable, limit)
                 for task in task_losses:  # a tensor sum: no device sync per step
                     clipped[task] = clipped.get(task, 0) + (norm > limit).int()
@@ -327,6 +333,26 @@ def _load_splits(data_dir: Path, split: str) -> dict:
             raise FileNotFoundError(f"{path}: listed in {manifest_path} under '{key}' but missing")
         splits[task] = load_split(path)
     return splits
+
+
+def _with_gradient(task_losses: dict, model, untrained: set) -> dict:
+    """The step's task losses that have a trainable parameter behind them.
+
+    A parameter-free pair head (sts cosine or dot, para cosine) on a frozen encoder without PALs
+    gives a loss with nothing to train, and backward on it would raise. Skipped rather than made
+    a config error: a grid's frozen-encoder variant asks what freezing costs with the config's
+    own heads, and the frozen vectors' cosine is a real answer for sts (the untrained backbone's);
+    the task's loss is still logged (train/loss_<task>) and the other tasks train. Only a config
+    where no trained task has a parameter is an error (pipeline/config_rules.py). Said once per
+    task on the console, so a flat loss is not read as a training failure.
+    """
+    kept = {task: loss for task, loss in task_losses.items() if loss.requires_grad}
+    for task in [t for t in task_losses if t not in kept and t not in untrained]:
+        untrained.add(task)
+        print(f"finetune: {task} has nothing to train (model.freeze_encoder: true, model.{task}.head: "
+              f"{model.head_kind(task)} has no parameters, no PALs): its loss is logged, no gradient is taken",
+              flush=True)
+    return kept
 
 
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ chosen per pair task:
   computed from the output.
 - head_layers 3: Linear-BatchNorm-GELU-Dropout twice (width H), then Linear.
 - shared_encoder false: one encoder per task, each a copy of the same starting weights.
-- freeze_encoder true: the encoder weights get no gradient; heads and PALs train. The frozen
+- freeze_encoder true: the encoder weights get no gradient; heads and PALs train (without PALs, a
+  pair task whose head has no parameters, cosine or dot, trains nothing: stages.finetune). The frozen
   encoder also stays in eval mode (no dropout inside it): it is a fixed feature extractor, its
   features are those it was pretrained to give, and the dropout on the pooled vectors still
   regularises the heads.

@@ -256,6 +256,24 @@ def test_recipe_switch_combinations_that_do_mean_something_load():
         apply_overrides(PipelineConfig(), overrides)
 
 
+FROZEN_PARAMETER_FREE = ["model.freeze_encoder=true", "model.para.head=cosine", "loss.para=cosine_embedding",
+                         "model.sts.head=dot", "loss.weights.sst=0"]
+
+
+def test_a_frozen_encoder_whose_trained_tasks_all_have_parameter_free_heads_is_an_error_naming_the_keys():
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(PipelineConfig(), FROZEN_PARAMETER_FREE)
+    assert str(error.value) == (
+        "after overrides: model.freeze_encoder: true (no PALs) with model.para.head: cosine and model.sts.head: dot "
+        "and loss.weights.sst 0: no trained task has a parameter to train; give a task a head with parameters, "
+        "train sst, enable model.pals or unfreeze the encoder")
+    # One task with something to train is enough: finetune logs the others' losses untrained.
+    for fix in (["model.sts.head=cosine_linear"], ["loss.weights.sst=1"], ["model.pals.enabled=true"],
+                ["model.freeze_encoder=false"], ["model.para.head=linear", "loss.para=bce"]):
+        apply_overrides(PipelineConfig(), FROZEN_PARAMETER_FREE + fix)
+    apply_overrides(PipelineConfig(), ["model.freeze_encoder=true", "model.sts.head=cosine"])  # techniques.yaml's
+
+
 def test_the_shipped_config_is_the_searched_recipe_and_the_dataclass_defaults_the_starters():
     cfg = load_config(REPO / "pipeline.yaml")
     # pipeline.yaml: the recipe tune found (issue 12): Quora a cross-encoder, STS siamese cosine

@@ -178,7 +178,7 @@ def test_a_disk_that_fills_mid_finetune_says_so_and_leaves_no_partial_folder(sma
     done = finish(start_cli(work, *LONG_FINETUNE))
     assert done.returncode == 1, done.stderr[-3000:]
     line = next(x for x in done.stderr.splitlines() if "no space left on" in x)
-    assert line.startswith(f"pipeline.store.DiskFull: no space left on {small_disk} (tmpfs) writing "
+    assert line.startswith(f"error: stage finetune failed: pipeline.store.DiskFull: no space left on {small_disk} (tmpfs) writing "
                            f"{small_disk / 'artifacts' / 'finetune'}/")
     assert " free)" in line and "Traceback" not in done.stderr
     assert not list((small_disk / "artifacts").rglob(".*.partial"))  # the half-written folder is gone

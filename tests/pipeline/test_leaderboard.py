@@ -5,6 +5,7 @@ Data: the first 20 rows of each real CS224N file (60 of quora-dev, carved); mode
 random-weight BERT fine-tuned for one epoch in this process (no Ray)."""
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -112,6 +113,20 @@ def test_same_model_and_data_again_is_a_no_op_pointing_at_the_first(work, model_
     assert cli.main(["leaderboard", str(work / "exp.yaml"), "--model", str(model_dir), "--force"]) == 0
     runs = boards(work)
     assert len(runs) == 2 and runs[1].data.tags["submission_key"] == first.data.tags["submission_key"]
+
+
+def test_a_failing_data_prep_is_one_error_line_with_its_exception_and_exit_status_1(work, model_dir, tmp_path, capsys):
+    shutil.copyfile(work / "exp.yaml", tmp_path / "exp.yaml")  # its own store and MLflow: nothing cached
+    status = cli.main(["leaderboard", str(tmp_path / "exp.yaml"), "--model", str(model_dir),
+                       "--set", "data.sst_test=no-such-file.csv"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert re.search(r"^error: stage data_prep failed: FileNotFoundError: \S+/no-such-file\.csv: data file not found "
+                     r"\(data\.sst_test\)$", err, re.M), err
+    _, runs = mlflow_runs(tmp_path, "lb")
+    prep = next(r for r in runs if r.data.tags.get("stage") == "data_prep")
+    assert prep.info.status == "FAILED" and "Traceback" in prep.data.tags["error"]  # the stage's own, kept
+    assert {r.info.status for r in runs} == {"FAILED"}
 
 
 def rewrite(src: Path, dst: Path, change) -> Path:

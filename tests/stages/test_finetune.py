@@ -671,3 +671,42 @@ def test_smart_trains_in_fp32_where_auto_would_pick_bf16(monkeypatch, prepared, 
     result, _ = _run(cfg, prepared, tmp_path / "out")
     assert dtypes == {torch.float32} and result["params"] == {"resolved.precision": "fp32"}
     assert "finetune: precision: auto, this CPU executes bf16 natively; fp32 for train.smart" in capsys.readouterr().out
+
+
+PALS = {"model.pals.enabled": True, "model.pals.size": 8, "model.pals.heads": 2}
+
+
+@pytest.mark.parametrize("switches,sts_trains", [
+    ({"model.sts.head": "cosine"}, False),  # nothing behind sts's loss: backward on it raised
+    ({"model.sts.head": "cosine", "train.sampling": "summed", "train.pcgrad": True}, False),
+    ({"model.sts.head": "cosine", "loss.sts_mnr_epochs": 1, "train.epochs": 2}, False),  # MNR, then MSE
+    ({"model.sts.head": "cosine", **PALS}, True),  # sts's own PALs are behind its loss
+    ({"model.sts.head": "hybrid"}, True),  # the NN part and the learned split
+], ids=["cosine", "cosine_pcgrad", "cosine_mnr", "cosine_pals", "hybrid"])
+def test_a_frozen_encoder_trains_what_has_parameters_and_logs_every_tasks_loss(
+        switches, sts_trains, monkeypatch, prepared, shared_data_dir, tiny_model_dir, tmp_path, capsys):
+    initial, built = {}, []
+    real_build = finetune.build_model
+
+    def build(*args):
+        built.append(real_build(*args))
+        initial.update({n: p.detach().clone() for n, p in built[0].named_parameters()})
+        return built[0]
+
+    monkeypatch.setattr(finetune, "build_model", build)
+    cfg = _cfg(shared_data_dir, tiny_model_dir, **{"model.freeze_encoder": True, "train.epochs": 1, **switches})
+    _, logged = _run(cfg, prepared, tmp_path)
+
+    for _, metrics in logged:
+        assert math.isfinite(metrics["dev/overall"])
+        assert all(math.isfinite(metrics[f"train/loss_{t}"]) for t in ("sst", "para"))
+    assert math.isfinite(logged[-1][1]["train/loss_sts"])  # logged, trained or not
+    final = dict(built[0].named_parameters())
+    changed = {n for n, p in initial.items() if not torch.equal(p, final[n])}
+    assert not changed & {n for n, _ in built[0].encoder_parameters()}  # frozen
+    assert any(n.startswith("heads.sst.") for n in changed) and any(n.startswith("heads.para.") for n in changed)
+    sts_parameters = {n for n in initial if n.startswith("heads.sts") or n.startswith("encoder.pals.sts.")}
+    assert bool(sts_parameters) == sts_trains
+    assert bool(changed & sts_parameters) == sts_trains
+    said = f"finetune: sts has nothing to train (model.freeze_encoder: true, model.sts.head: {cfg.model.sts.head} "
+    assert capsys.readouterr().out.count(said) == (0 if sts_trains else 1)
