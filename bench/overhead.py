@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bench.common import REPO, Context, _status_kib, clean_env, run_measured
 
@@ -160,8 +159,13 @@ def probe_step(batch: int, length: int, threads: int) -> None:
     ids = torch.randint(1000, 20000, (batch, length))
     ids[:, 0], ids[:, -1] = 101, 102
     mask = torch.ones_like(ids)
+    # Both pair layouts, so the probe runs whatever the config's model.para.encoding is: each
+    # sentence on its own, and the pair as one sequence (the second [CLS] dropped).
+    pair = torch.cat([ids, ids.flip(0)[:, 1:]], dim=1)
+    types = torch.cat([torch.zeros_like(ids), torch.ones_like(ids[:, 1:])], dim=1)
     batch_dict = {"input_ids_1": ids, "attention_mask_1": mask, "input_ids_2": ids.flip(0),
-                  "attention_mask_2": mask, "labels": torch.randint(0, 2, (batch,)).float()}
+                  "attention_mask_2": mask, "input_ids": pair, "attention_mask": torch.ones_like(pair),
+                  "token_type_ids": types, "labels": torch.randint(0, 2, (batch,)).float()}
     # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak at fork through exec into
     # ru_maxrss, so a probe started by a big suite process would report the suite's size.
     before = _status_kib(os.getpid(), "VmHWM") / 1024

@@ -1,4 +1,4 @@
-"""The performance benchmark suite (issue 7): every figure a ratio against a baseline measured in
+"""The performance benchmark suite: every figure a ratio against a baseline measured in
 the same run on the same machine.
 
     .venv/bin/python bench/run.py                      # all sections, ~15 min on 2 CPU cores

@@ -36,7 +36,7 @@ from bench.common import Context, base_config, matmul_peak_gflops
 from stages import finetune as finetune_stage
 from stages.device import autocast, resolve_precision
 from stages.batches import Split, bucketed_batches
-from stages.data_prep import SPLIT_FILES, _hash_unit, read_file
+from stages.data_prep import SPLIT_FILES, read_file
 from stages.multitask_model import batch_lengths, build_model, make_batch, predict
 from stages.samplers import epoch_tasks
 
@@ -269,7 +269,6 @@ def finetune_throughput(ctx: Context, report) -> None:
     peak = {p: max(rate, matmul_peak_gflops(ctx.threads, dtype=p)) for p, rate in peak_before.items()}
 
     by = {s.name: s for s in sides}
-    base = by["hf_eager"]
     rate = {s.name: s.examples / s.seconds for s in sides}
     used, _ = resolve_precision(cfg.precision, CPU)  # what a make run on this machine trains in
     report.note("finetune", f"{steps} timed steps per side after {warmup} warm-up, in {blocks} interleaved blocks; "

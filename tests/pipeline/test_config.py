@@ -174,7 +174,7 @@ def test_a_partly_given_section_keeps_its_parents_defaults(tmp_path):
     assert cfg.train.smart.weight == PipelineConfig().train.smart.weight
 
 
-# ---------------------------------------------------------------- the published recipes' switches (issue 12)
+# ---------------------------------------------------------------- the published recipes' switches
 
 
 def test_each_pair_task_chooses_its_encoding_and_head(tmp_path):
@@ -185,7 +185,7 @@ def test_each_pair_task_chooses_its_encoding_and_head(tmp_path):
                                              "model.sts.cosine_weight=0.5", "model.sts.bound=tanh"])
     assert (cfg.model.sts.head, cfg.model.sts.cosine_weight, cfg.model.sts.bound) == ("hybrid", 0.5, "tanh")
     assert flatten(cfg)["model.sts.head"] == "hybrid" and flatten(cfg)["model.para.encoding"] == "separate"
-    # the defaults are the old baseline: both separate, linear heads, BCE / MSE
+    # the dataclass defaults are the CS224N starter's: both separate, linear heads, BCE / MSE
     d = PipelineConfig()
     assert (d.model.para.encoding, d.model.para.head, d.model.sts.encoding, d.model.sts.head, d.model.sts.bound,
             d.loss.para, d.loss.sts) == ("separate", "linear", "separate", "linear", "none", "bce", "mse")
@@ -276,7 +276,7 @@ def test_a_frozen_encoder_whose_trained_tasks_all_have_parameter_free_heads_is_a
 
 def test_the_shipped_config_is_the_searched_recipe_and_the_dataclass_defaults_the_starters():
     cfg = load_config(REPO / "pipeline.yaml")
-    # pipeline.yaml: the recipe tune found (issue 12): Quora a cross-encoder, STS siamese cosine
+    # pipeline.yaml: the recipe tune found: Quora a cross-encoder, STS siamese cosine
     assert (cfg.model.pooling, cfg.model.para.encoding, cfg.model.para.head, cfg.model.sts.encoding,
             cfg.model.sts.head) == ("mean", "concat", "linear", "separate", "cosine")
     assert (cfg.train.lr_schedule, cfg.train.sampling, cfg.loss.para, cfg.loss.sts) == ("linear", "annealed", "bce", "mse")

@@ -1,5 +1,5 @@
 """The run lifecycle every verb shares: the override order, where runs are logged, how every
-run ends, and stale runs of a killed driver. One test per way the verbs used to drift apart.
+run ends, and stale runs of a killed driver. One test per way the verbs could drift apart.
 
 The unit tests use a real sqlite MLflow store and real (dead and living) processes; the CLI
 tests run `python -m pipeline VERB` for each verb and look at what it left in MLflow.
@@ -42,7 +42,7 @@ def verb_args(verb: str, work: Path) -> list[str]:
 
 
 def test_set_has_the_last_word_over_the_variant_and_smoke(tmp_path):
-    """variant -> --set -> smoke -> --set -> paths; under `tune --smoke` smoke used to win."""
+    """variant -> --set -> smoke -> --set -> paths, in every verb: smoke must not win over --set."""
     grid = tmp_path / "grid.yaml"
     grid.write_text("variants:\n  baseline: {}\n  fast: {train.lr: 0.5, train.epochs: 7}\n")
     config = tmp_path / "exp.yaml"
@@ -119,7 +119,7 @@ def test_stale_runs_are_those_whose_driver_on_this_host_is_gone(tmp_path):
 
 @pytest.mark.parametrize("verb", ["run", "ablate", "tune", "leaderboard"])
 def test_every_verb_stops_before_anything_when_mlflow_is_unreachable(verb, tmp_path, shared_data_dir):
-    """tune and leaderboard used to ignore tracking.on_unreachable."""
+    """Every verb that logs honours tracking.on_unreachable, tune and leaderboard included."""
     port = closed_port()
     write_experiment(tmp_path, "down", f"  uri: http://127.0.0.1:{port}\n", shared_data_dir)
     proc = run_pipeline(tmp_path, *verb_args(verb, tmp_path), timeout=300)
@@ -142,7 +142,7 @@ def test_with_on_unreachable_local_the_leaderboard_logs_locally(tmp_path, shared
 @pytest.mark.parametrize("verb", ["run", "ablate", "tune"])
 def test_a_failure_after_the_runs_open_leaves_none_running(verb, tmp_path, shared_data_dir):
     """Ray cannot start (its temp dir is a file) once the parent run is open: an error no verb
-    expects. tune used to leave its parent RUNNING, since its Ray start-up was outside any try."""
+    expects. Its parent run must not stay RUNNING: tune starts Ray inside the block that ends it."""
     write_experiment(tmp_path, "noray", data_dir=shared_data_dir)
     (tmp_path / "not-a-dir").write_text("")
     proc = run_pipeline(tmp_path, *verb_args(verb, tmp_path), timeout=300, RAY_TMPDIR=str(tmp_path / "not-a-dir"))

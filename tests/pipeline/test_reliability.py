@@ -21,8 +21,9 @@ from pipeline.store import ArtifactStore, StageLock
 from tests.conftest import children_of, mlflow_runs, pipeline_env, write_experiment
 
 # finetune long enough (2 epochs of 120 steps on the tiny model, a few seconds) that a kill
-# lands mid-epoch, with a checkpoint every 20 steps.
-LONG_FINETUNE = ["--set", "train.steps_per_epoch=120", "--set", "train.checkpoint_every=20"]
+# lands mid-epoch, with a checkpoint every 20 steps; in bf16 on any host (what `auto` takes where
+# the CPU has it), so the kill -9 and resume below check the bf16 path.
+LONG_FINETUNE = ["--set", "train.steps_per_epoch=120", "--set", "train.checkpoint_every=20", "--set", "precision=bf16"]
 STAGES = ("data_prep", "finetune", "evaluate")
 
 

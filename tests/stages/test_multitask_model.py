@@ -491,7 +491,7 @@ def test_load_multitask_rejects_unknown_switches(tiny_model_dir, tmp_path):
         load_multitask(tmp_path / "m")
 
 
-# ---------------------------------------------------------------- the published recipes' heads (issue 12)
+# ---------------------------------------------------------------- the published recipes' heads
 
 
 def _hand_pair(model, u, v):
