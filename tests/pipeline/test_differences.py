@@ -80,6 +80,20 @@ def test_intervals_of_a_variant_right_everywhere_and_of_one_identical_to_the_bas
     assert "dev/overall" not in better.ci  # sst only: no overall score to bootstrap
 
 
+def test_any_pair_of_rows_is_bootstrapped_on_the_same_resamples_as_the_table(ablation):
+    """`same` predicts as the baseline does, so `better` against `same` is `better` against the
+    baseline resample for resample, and the pair taken the other way round is its negation."""
+    uri, parent, store = ablation
+    tags, groups = comparison.comparison(uri, parent)
+    differences.add_intervals(uri, parent, groups, "baseline", store)
+    found, note = differences.pair_differences(uri, parent, groups, [("better", "same"), ("same", "better"),
+                                                                     ("better", "nowhere")], store)
+    assert note is None and set(found) == {("better", "same"), ("same", "better")}
+    forward, backward = found[("better", "same")]["dev/sst_acc"], found[("same", "better")]["dev/sst_acc"]
+    assert differences.bootstrap.interval(forward) == groups[1].ci["dev/sst_acc"]
+    assert (forward == -backward).all() and forward.std() > 0
+
+
 def test_missing_outputs_are_said_not_raised(ablation):
     uri, parent, store = ablation
     shutil.rmtree(f"{store.root}/evaluate/same-2")
