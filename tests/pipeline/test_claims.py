@@ -1,4 +1,5 @@
-"""Claims: the verdict rule on hand-made intervals and the `claims:` section's checks."""
+"""Claims: the verdict rule on hand-made intervals, the `claims:` section's checks, and the
+shipped claims.yaml (every claim two valid configs on pipeline.yaml, its numbers the report grids')."""
 
 import csv
 import io
@@ -7,8 +8,13 @@ import pytest
 
 from pipeline import verdicts
 from pipeline.claims import Claim
-from pipeline.config import ConfigError
-from pipeline.grids import read_claims, read_grid
+from pipeline.config import SMOKE_OVERRIDES, ConfigError, apply_overrides, flatten, load_config
+from pipeline.grids import load_grid_with_published, read_claims, read_grid
+from tests.conftest import REPO
+
+ABLATIONS = REPO / "search_spaces" / "ablations"
+CLAIMS = ABLATIONS / "claims.yaml"
+
 
 # ---------------------------------------------------------------- the verdict rule
 
@@ -124,3 +130,73 @@ def test_claims_must_be_a_mapping_and_a_published_tie_has_no_direction(tmp_path)
         read_grid(write(tmp_path, GRID.split("claims:")[0] + "claims: [pals]\n"))
     with pytest.raises(ConfigError, match="both rows give sts 0.333 -> 0.333: no direction"):
         read_grid(write(tmp_path, GRID.replace("    metric: overall\n", "    metric: sts\n").replace("0.801", "0.333")))
+
+
+# ---------------------------------------------------------------- the shipped claims
+
+
+def test_every_claim_of_claims_yaml_is_two_valid_different_configs_on_pipeline_yaml():
+    shipped = load_config(REPO / "pipeline.yaml")
+    grid = read_grid(CLAIMS, shipped)  # raises naming the file and line of a bad variant or claim
+    assert len(grid.claims) >= 30 and {c.report for c in grid.claims.values()} == set("ABCDE")
+    assert grid.variants["baseline"] == {} and grid.base == {}  # the baseline is pipeline.yaml's recipe
+    for c in grid.claims.values():
+        configs = [flatten(apply_overrides(shipped, {**grid.base, **grid.variants[v]})) for v in (c.variant, c.against)]
+        changed = {k for k in configs[0] if configs[0][k] != configs[1][k]}
+        assert changed, f"{c.name}: {c.variant} and {c.against} are the same config"
+    for name, overrides in grid.variants.items():  # as `ablate --smoke` and the reports' 10 epochs resolve them
+        variant = apply_overrides(shipped, {**grid.base, **overrides})
+        apply_overrides(variant, SMOKE_OVERRIDES)
+        apply_overrides(variant, {"train.epochs": 10})
+    used = {v for c in grid.claims.values() for v in (c.variant, c.against)}
+    assert used == set(grid.variants), f"variants no claim uses: {set(grid.variants) - used}"
+
+
+SOURCE = {  # claim -> (report grid, the variant's row, the against's row) where both rows are in that grid
+    "a_all_quora": ("a_separate_encoders", "all_quora", "baseline"),
+    "a_more_epochs_sst": ("a_separate_encoders", "more_epochs_lr_batch", "all_quora"),
+    "a_more_epochs_sts": ("a_separate_encoders", "more_epochs_lr_batch", "all_quora"),
+    "a_separate_encoders_sst": ("a_separate_encoders", "baseline", "multitask_cosine_linear_pcgrad"),
+    "a_separate_encoders_sts": ("a_separate_encoders", "baseline", "multitask_cosine_linear_pcgrad"),
+    "b_pals": ("b_pals", "pals_all_three", "baseline"),
+    "b_pals_sst_only": ("b_pals", "pals_sst_only", "base_sst_only"),
+    "b_multitask_sst": ("b_pals", "baseline", "base_sst_only"),
+    "b_multitask_sst_pals": ("b_pals", "pals_all_three", "pals_sst_only"),
+    "b_pcgrad": ("b_pals", "pals_pcgrad", "pals_all_three"),
+    "b_cosine_sts": ("b_pals", "pals_cosine_sts", "pals_all_three"),
+    "c_deep_heads_learned_split": ("c_heads", "B_finetuned", "baseline"),
+    "c_round_robin": ("c_heads", "C_finetuned", "B_finetuned"),
+    "c_concat_para": ("c_heads", "D_finetuned", "C_finetuned"),
+    "c_concat_sts": ("c_heads", "D_finetuned", "C_finetuned"),
+    "c_smart": ("c_heads", "H_frozen", "E_frozen"),
+    "c_finetuning": ("c_heads", "E_finetuned", "E_frozen"),
+    "d_annealed_concat": ("d_sampling_heads", "annealed_concat", "proportional_concat"),
+    "d_annealed_cosine": ("d_sampling_heads", "annealed_cosine", "proportional_cosine"),
+    "d_annealed_mnr": ("d_sampling_heads", "annealed_cosine_mnr", "proportional_cosine_mnr"),
+    "d_concat_sts_annealed": ("d_sampling_heads", "annealed_concat", "annealed_cosine"),
+    "d_concat_sts_proportional": ("d_sampling_heads", "proportional_concat", "proportional_cosine"),
+    "d_mnr_annealed": ("d_sampling_heads", "annealed_cosine_mnr", "annealed_cosine"),
+    "d_mnr_proportional": ("d_sampling_heads", "proportional_cosine_mnr", "proportional_cosine"),
+    "d_best_vs_baseline": ("d_sampling_heads", "annealed_concat", "baseline"),
+    "e_mlm": ("e_summed_mlm", "mlm_pretraining", "summed_three_heads"),
+    "e_pcgrad": ("e_summed_mlm", "pcgrad", "summed_three_heads"),
+    "e_mlm_under_pcgrad": ("e_summed_mlm", "mlm_pcgrad", "pcgrad"),
+    "e_pcgrad_under_mlm": ("e_summed_mlm", "mlm_pcgrad", "mlm_pretraining"),
+    "e_multitask_sst": ("e_summed_mlm", "summed_three_heads", "baseline"),
+}
+
+
+def test_every_claims_numbers_are_its_report_grid_rows():
+    claims = read_claims(CLAIMS)
+    assert set(claims) == set(SOURCE)
+    for name, (grid, variant_row, against_row) in SOURCE.items():
+        _, _, rows = load_grid_with_published(ABLATIONS / "reports" / f"{grid}.yaml")
+        c = claims[name]
+        assert c.report == grid[0].upper(), name
+        for side, row in (("variant", variant_row), ("against", against_row)):
+            theirs = {k: v for k, v in rows[row].items() if v is not None}
+            ours = c.published[side]
+            assert {k: ours[k] for k in ("sst", "para", "sts") if k in ours} == \
+                {k: theirs[k] for k in ("sst", "para", "sts") if k in theirs}, (name, side)
+            if "overall" in ours and "overall" in theirs:
+                assert ours["overall"] == pytest.approx(theirs["overall"], abs=0.0015), (name, side)
