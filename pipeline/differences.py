@@ -140,13 +140,13 @@ def _locate(client, parent, parent_children: list, row, store: ArtifactStore | N
     run = client.get_run(row.run_id)
     stores = registry.stores_of(run) + registry.stores_of(parent, store)  # a trial's run names no config file
     children = _children(client, run)
-    data_prep = _data_prep_run(children, parent_children, run.info.run_name)
+    data_prep = _stage_run("data_prep", children, parent_children, run.info.run_name, any_shared=True)
     data_dir = _finished_dir(stores, "data_prep", data_prep.data.tags.get("cache_key")) if data_prep else None
     if run.data.tags.get("stage") == "trial":
         storage, trial = parent.data.tags.get("tune_storage"), run.data.tags.get("trial_id")
         predictions = Path(storage) / "trials" / trial / "evaluate" / "predictions" if storage and trial else None
     else:
-        evaluate = next((c for c in children if c.data.tags.get("stage") == "evaluate"), None)
+        evaluate = _stage_run("evaluate", children, parent_children, run.info.run_name)
         output = _finished_dir(stores, "evaluate", evaluate.data.tags.get("cache_key")) if evaluate else None
         predictions = output / "predictions" if output else None
     if predictions is None or not predictions.is_dir() or data_dir is None:
@@ -154,10 +154,13 @@ def _locate(client, parent, parent_children: list, row, store: ArtifactStore | N
     return predictions, data_dir
 
 
-def _data_prep_run(own: list, shared: list, name: str):
-    """The row's own data_prep run, else the parent's that lists it in shared_by, else the parent's."""
-    for runs in (own, [r for r in shared if name in r.data.tags.get("shared_by", "").split(",")], shared):
-        found = [r for r in runs if r.data.tags.get("stage") == "data_prep" and r.data.tags.get("cache_key")]
+def _stage_run(stage: str, own: list, shared: list, name: str, any_shared: bool = False):
+    """The row's own `stage` run, else the parent's that lists it in shared_by (two variants that
+    resolve to the same config share their stages; under --smoke, several do), else with
+    `any_shared` any of the parent's (data_prep: the dev labels are the same whichever row's)."""
+    pools = [own, [r for r in shared if name in r.data.tags.get("shared_by", "").split(",")]]
+    for runs in pools + ([shared] if any_shared else []):
+        found = [r for r in runs if r.data.tags.get("stage") == stage and r.data.tags.get("cache_key")]
         if found:
             return found[0]
     return None
