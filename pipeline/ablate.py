@@ -145,18 +145,7 @@ def main(args) -> int:
         outcomes = dag.execute_many(plans, dag.ray_address(runs[0].cfg), runs[0].cfg.ray.num_cpus)
         dag.stop_ray()
 
-        failed = []
-        for run, outcome in zip(runs, outcomes):
-            failure = outcome if isinstance(outcome, dag.StageFailed) else None
-            results = failure.results if failure else outcome
-            lifecycle.end_stage_runs(mlflow_runs, store, run.planned, run.stage_runs, results, failure)
-            if failure:
-                failed.append(_run_name(run, args.seeds))
-                mlflow_runs.end(run.run_id, "FAILED", failure)
-                print(f"variant {_run_name(run, args.seeds)} failed: {str(failure).splitlines()[0]}", file=sys.stderr)
-                continue
-            _record_variant(uri, run, results, store, shared_by_all)
-            mlflow_runs.end(run.run_id)
+        failed = _end_variants(mlflow_runs, uri, store, runs, outcomes, args.seeds, shared_by_all)
         reference_failed = bool(reference) and isinstance(outcomes[-1], dag.StageFailed)
         if reference:
             results = outcomes[-1].results if reference_failed else outcomes[-1]
@@ -184,6 +173,24 @@ def main(args) -> int:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _end_variants(mlflow_runs, uri: str, store: ArtifactStore, runs: list[VariantRun], outcomes: list,
+                  seeds: int, shared_by_all: set[tuple[str, str]]) -> list[str]:
+    """Each variant run's stage runs ended and its scores recorded; returns the failed ones' names."""
+    failed = []
+    for run, outcome in zip(runs, outcomes):
+        failure = outcome if isinstance(outcome, dag.StageFailed) else None
+        results = failure.results if failure else outcome
+        lifecycle.end_stage_runs(mlflow_runs, store, run.planned, run.stage_runs, results, failure)
+        if failure:
+            failed.append(_run_name(run, seeds))
+            mlflow_runs.end(run.run_id, "FAILED", failure)
+            print(f"variant {_run_name(run, seeds)} failed: {str(failure).splitlines()[0]}", file=sys.stderr)
+            continue
+        _record_variant(uri, run, results, store, shared_by_all)
+        mlflow_runs.end(run.run_id)
+    return failed
 
 
 def _compare(uri: str, parent: str, store: ArtifactStore, name: str, seeds: int, claims: dict
