@@ -14,7 +14,8 @@ per-epoch dev/train metrics at step = epoch and the final dev/* scores, `variant
 compute of its stages, less those every variant shares) and `variant/peak_rss_mb` (the largest
 peak of those stages). A variant's stage runs nest under it; shared stages nest under the
 parent (tag shared_by). When all have finished, the comparison (pipeline/comparison.py: CSV, Markdown, bar and curve PNGs) is logged on
-the parent under comparison/ and printed.
+the parent under comparison/ and printed; for a grid with claims (pipeline/claims.py), so is the
+verdict on each (pipeline/verdicts.py), under claims/.
 
 The table's `untrained` row is the stage `reference` (the backbone scored without finetuning,
 stages/reference.py), planned once for the data and backbone of the `baseline` variant (else
@@ -31,10 +32,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import comparison, dag, differences, lifecycle, published, tracking
+from pipeline import comparison, dag, differences, lifecycle, published, tracking, verdicts
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, dump_yaml, flatten, load_config
 from pipeline.constants import METRIC, REFERENCE_STAGE, is_remote
-from pipeline.grids import load_grid_with_published
+from pipeline.grids import read_grid
 from pipeline.prepare import artifacts_location, prepared_config, with_reference
 from pipeline.store import ArtifactStore
 
@@ -55,7 +56,8 @@ def main(args) -> int:
     grid_path = Path(args.grid).resolve()
     config_dir = config_path.parent
     cfg = load_config(config_path)
-    base, variants, published_rows = load_grid_with_published(grid_path, cfg)
+    grid = read_grid(grid_path, cfg)
+    base, variants, published_rows = grid.base, grid.variants, grid.published
     if args.only:
         wanted = [v.strip() for v in args.only.split(",") if v.strip()]
         unknown = [v for v in wanted if v not in variants]
@@ -143,18 +145,7 @@ def main(args) -> int:
         outcomes = dag.execute_many(plans, dag.ray_address(runs[0].cfg), runs[0].cfg.ray.num_cpus)
         dag.stop_ray()
 
-        failed = []
-        for run, outcome in zip(runs, outcomes):
-            failure = outcome if isinstance(outcome, dag.StageFailed) else None
-            results = failure.results if failure else outcome
-            lifecycle.end_stage_runs(mlflow_runs, store, run.planned, run.stage_runs, results, failure)
-            if failure:
-                failed.append(_run_name(run, args.seeds))
-                mlflow_runs.end(run.run_id, "FAILED", failure)
-                print(f"variant {_run_name(run, args.seeds)} failed: {str(failure).splitlines()[0]}", file=sys.stderr)
-                continue
-            _record_variant(uri, run, results, store, shared_by_all)
-            mlflow_runs.end(run.run_id)
+        failed = _end_variants(mlflow_runs, uri, store, runs, outcomes, args.seeds, shared_by_all)
         reference_failed = bool(reference) and isinstance(outcomes[-1], dag.StageFailed)
         if reference:
             results = outcomes[-1].results if reference_failed else outcomes[-1]
@@ -165,41 +156,80 @@ def main(args) -> int:
                       file=sys.stderr)
 
         seconds = time.time() - start
-        parent_tags, groups = comparison.comparison(uri, parent)
-        note = differences.add_intervals(uri, parent, groups, comparison.reference_label(parent_tags, groups), store)
-        out_dir = _comparison_dir(store, parent, name)
-        title = f"ablation {name}" + (f" ({args.seeds} seeds)" if args.seeds > 1 else "")
-        for path in comparison.write_comparison(groups, out_dir, title):
-            tracking.log_artifact(uri, parent, path, "comparison")
-        base_group = next((g for g in groups if g.label == comparison.BASELINE), None)
-        best = max((g for g in groups if METRIC in g.mean and g.label != comparison.UNTRAINED),
-                   key=lambda g: g.mean[METRIC], default=None)
-        tags = {"failed_variants": ",".join(failed)} if failed else {}
-        if reference_failed:
-            tags["reference_failed"] = "true"
-        if best is not None:
-            tags["best_variant"] = best.label
-        tracking.set_tags(uri, parent, tags)
-        tracking.log_metrics(uri, parent, {"ablation/seconds": seconds, "ablation/variants_failed": len(failed),
-                                           **({"best/dev_overall": best.mean[METRIC]} if best else {}),
-                                           **({"baseline/dev_overall": base_group.mean[METRIC]}
-                                              if base_group and METRIC in base_group.mean else {})})
+        groups, printed, out_dir = _compare(uri, parent, store, name, args.seeds, grid.claims)
+        _tag_parent(uri, parent, groups, failed, reference_failed, seconds)
         mlflow_runs.end(parent, "FAILED" if failed or reference_failed else "FINISHED")
 
     print(f"\nablation {name} finished in {seconds:.1f} s"
           + (f"; {len(failed)} variant run(s) FAILED: {', '.join(failed)}" if failed else "")
           + (f"; the {comparison.UNTRAINED} reference FAILED" if reference_failed else ""))
     print()
-    print(comparison.to_markdown(groups))
-    if note:
-        print(note)
-    print(f"comparison:    {out_dir} (also on the parent run's artifacts, comparison/)")
+    print("\n".join(printed))
+    print(f"comparison:    {out_dir} (also on the parent run's artifacts, comparison/"
+          + (f" and {verdicts.ARTIFACTS}/)" if grid.claims else ")"))
     print(f"MLflow:        parent run {parent} in experiment '{runs[0].cfg.tracking.experiment}' at {uri}")
     print(f"               python -m pipeline report {parent}" + (f" {args.config}" if args.config != "pipeline.yaml" else ""))
     return 1 if failed or reference_failed else 0
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _end_variants(mlflow_runs, uri: str, store: ArtifactStore, runs: list[VariantRun], outcomes: list,
+                  seeds: int, shared_by_all: set[tuple[str, str]]) -> list[str]:
+    """Each variant run's stage runs ended and its scores recorded; returns the failed ones' names."""
+    failed = []
+    for run, outcome in zip(runs, outcomes):
+        failure = outcome if isinstance(outcome, dag.StageFailed) else None
+        results = failure.results if failure else outcome
+        lifecycle.end_stage_runs(mlflow_runs, store, run.planned, run.stage_runs, results, failure)
+        if failure:
+            failed.append(_run_name(run, seeds))
+            mlflow_runs.end(run.run_id, "FAILED", failure)
+            print(f"variant {_run_name(run, seeds)} failed: {str(failure).splitlines()[0]}", file=sys.stderr)
+            continue
+        _record_variant(uri, run, results, store, shared_by_all)
+        mlflow_runs.end(run.run_id)
+    return failed
+
+
+def _compare(uri: str, parent: str, store: ArtifactStore, name: str, seeds: int, claims: dict
+             ) -> tuple[list[comparison.Group], list[str], Path]:
+    """The comparison and, for a grid with claims, their verdicts (pipeline/verdicts.py): written
+    to one folder, logged on the parent under comparison/ and claims/; returns the groups, the
+    lines to print and the folder."""
+    parent_tags, groups = comparison.comparison(uri, parent)
+    note = differences.add_intervals(uri, parent, groups, comparison.reference_label(parent_tags, groups), store)
+    out_dir = _comparison_dir(store, parent, name)
+    title = f"ablation {name}" + (f" ({seeds} seeds)" if seeds > 1 else "")
+    for path in comparison.write_comparison(groups, out_dir, title):
+        tracking.log_artifact(uri, parent, path, "comparison")
+    printed = [comparison.to_markdown(groups), *([note] if note else [])]
+    if claims:
+        rows, claims_note = verdicts.measure(uri, parent, groups, claims, store)
+        for path in verdicts.write(rows, out_dir, title):
+            tracking.log_artifact(uri, parent, path, verdicts.ARTIFACTS)
+        tracking.log_metrics(uri, parent, verdicts.counts(rows))
+        printed += ["Which published claims hold:\n", verdicts.to_markdown(rows), *([claims_note] if claims_note else [])]
+    return groups, printed, out_dir
+
+
+def _tag_parent(uri: str, parent: str, groups: list[comparison.Group], failed: list[str], reference_failed: bool,
+                seconds: float) -> None:
+    """The parent's outcome: failures, the best variant, the time and the two headline scores."""
+    base_group = next((g for g in groups if g.label == comparison.BASELINE), None)
+    best = max((g for g in groups if METRIC in g.mean and g.label != comparison.UNTRAINED),
+               key=lambda g: g.mean[METRIC], default=None)
+    tags = {"failed_variants": ",".join(failed)} if failed else {}
+    if reference_failed:
+        tags["reference_failed"] = "true"
+    if best is not None:
+        tags["best_variant"] = best.label
+    tracking.set_tags(uri, parent, tags)
+    tracking.log_metrics(uri, parent, {"ablation/seconds": seconds, "ablation/variants_failed": len(failed),
+                                       **({"best/dev_overall": best.mean[METRIC]} if best else {}),
+                                       **({"baseline/dev_overall": base_group.mean[METRIC]}
+                                          if base_group and METRIC in base_group.mean else {})})
 
 
 def _stage_users(runs: list[VariantRun]) -> dict[tuple[str, str], list[int]]:

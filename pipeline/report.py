@@ -2,7 +2,8 @@
 
 The parent run's variant (or trial) child runs, read back from MLflow (pipeline/comparison.py),
 printed as Markdown with each delta's 95% interval (pipeline/differences.py); with --out also
-written as CSV, Markdown and the two PNG plots.
+written as CSV, Markdown and the two PNG plots. An ablation of a grid with claims also gets the
+verdict on each (pipeline/verdicts.py), recomputed from the same runs as `ablate` printed it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import differences, tracking
+from pipeline import differences, tracking, verdicts
 from pipeline.comparison import comparison, reference_label, to_markdown, write_comparison
 from pipeline.config import load_config
 from pipeline.prepare import artifacts_location
@@ -41,7 +42,15 @@ def main(args) -> int:
     print(to_markdown(groups))
     if note:
         print(note)
+    claims = verdicts.of_run(uri, args.run_id, tags)
+    rows, claims_note = verdicts.measure(uri, args.run_id, groups, claims, store) if claims else ([], None)
+    if rows:
+        print("Which published claims hold:\n")
+        print(verdicts.to_markdown(rows))
+        if claims_note:
+            print(claims_note)
     if args.out:
-        for path in write_comparison(groups, Path(args.out), what):
+        paths = write_comparison(groups, Path(args.out), what) + (verdicts.write(rows, Path(args.out), what) if rows else [])
+        for path in paths:
             print(f"wrote {path}")
     return 0

@@ -13,13 +13,36 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import verdicts
 from pipeline.grids import load_grid_with_published
 from tests.conftest import REPO, MlflowServer, mlflow_runs, run_pipeline, write_experiment
 
-GRID = """# test grid: two variants
+GRID = """# test grid: two variants, and two claims on them (one helps, one the same pair reversed, hurts)
 variants:
   baseline: {}
   concat_pairs: {model.para.encoding: concat, model.sts.encoding: concat}
+claims:
+  concat_pairs:
+    says: concatenated pairs beat siamese embeddings, on Quora
+    report: C
+    rows: ["D: concat pairs", "C: + round-robin, BatchNorm, weight decay"]
+    variant: concat_pairs
+    against: baseline
+    metric: para
+    direction: helps
+    published:
+      variant: {sst: 0.396, para: 0.855, sts: 0.870}
+      against: {sst: 0.458, para: 0.770, sts: 0.575}
+  siamese_pairs:
+    report: C
+    rows: ["C: + round-robin, BatchNorm, weight decay", "D: concat pairs"]
+    variant: baseline
+    against: concat_pairs
+    metric: overall
+    direction: hurts
+    published:
+      variant: {sst: 0.458, para: 0.770, sts: 0.575}
+      against: {sst: 0.396, para: 0.855, sts: 0.870}
 """
 SEEDS = 2
 REPORT_GRIDS = sorted((REPO / "search_spaces" / "ablations" / "reports").glob("*.yaml"))
@@ -155,11 +178,54 @@ def test_report_prints_the_table(workdir, runs):
     assert missing.returncode == 2 and "no run" in missing.stderr
 
 
+def table_lines(text: str, header: str) -> list[str]:
+    """The Markdown table that starts with `header` in text, to its last row."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    return lines[start:next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))]
+
+
+def test_claims_verdicts_on_the_parent_in_ablate_and_in_report(workdir, ablation, runs, tmp_path):
+    """claims/ on the parent: each claim's delta and interval are the comparison's for that pair
+    (the reversed claim its negation), its verdict the rule's; ablate and report print the same table."""
+    client, parent, _ = runs
+    names = sorted(a.path for a in client.list_artifacts(parent.info.run_id, "claims"))
+    assert names == ["claims/claims.csv", "claims/claims.md", "claims/claims.png"]
+    local = Path(client.download_artifacts(parent.info.run_id, "claims", str(tmp_path)))
+    claims = {r["claim"]: r for r in csv.DictReader(io.StringIO((local / "claims.csv").read_text()))}
+    compared = Path(client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path)))
+    concat = next(r for r in csv.DictReader(io.StringIO(compared.read_text())) if r["variant"] == "concat_pairs")
+    helps, hurts = claims["concat_pairs"], claims["siamese_pairs"]
+    para = (float(concat["dev/para_acc_ci_low"]), float(concat["dev/para_acc_ci_high"]))
+    assert float(helps["delta"]) == pytest.approx(float(concat["dev/para_acc_delta"]), abs=1e-6)
+    assert (float(helps["ci_low"]), float(helps["ci_high"])) == pytest.approx(para, abs=1e-6)
+    assert helps["verdict"] == verdicts.verdict("helps", para) and helps["seeds"] == str(SEEDS)
+    assert float(helps["published_delta"]) == pytest.approx(0.085)
+    overall = (float(concat["dev/overall_ci_low"]), float(concat["dev/overall_ci_high"]))
+    assert float(hurts["delta"]) == pytest.approx(-float(concat["dev/overall_delta"]), abs=1e-6)
+    assert (float(hurts["ci_low"]), float(hurts["ci_high"])) == pytest.approx((-overall[1], -overall[0]), abs=1e-6)
+    # baseline - concat "hurts" holds exactly when concat - baseline helps.
+    assert hurts["verdict"] == verdicts.verdict("helps", overall)
+    if hurts["verdict"] == verdicts.NO_EFFECT:
+        assert float(hurts["half_width"]) == pytest.approx((overall[1] - overall[0]) / 2, abs=1e-6)
+    counted = {k: v for k, v in client.get_run(parent.info.run_id).data.metrics.items() if k.startswith("claims/")}
+    assert sum(counted.values()) == 2 and counted[f"claims/{helps['verdict'].replace(' ', '_')}"] >= 1
+    assert (local / "claims.png").read_bytes()[:4] == b"\x89PNG"
+    header = "| claim | report | rows |"
+    table = table_lines((local / "claims.md").read_text(), header)
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| concat_pairs", "| siamese_pairs"]
+    assert table == table_lines(ablation.stdout, header)
+    report = run_pipeline(workdir, "report", parent.info.run_id, "exp.yaml")
+    assert report.returncode == 0, report.stderr
+    assert "Which published claims hold:" in report.stdout and table == table_lines(report.stdout, header)
+
+
 def test_rerun_is_cached_and_skips_ray(workdir, runs):
     proc = run_pipeline(workdir, "ablate", "exp.yaml", "--grid", "grid.yaml", "--smoke", "--only", "baseline")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "all stages cached; Ray not started" in proc.stdout
     assert "| baseline | 1/1 |" in proc.stdout and "| untrained | 1/1 |" in proc.stdout
+    assert proc.stdout.count("| not run |") == 2  # both claims need concat_pairs, left out by --only
 
 
 def test_mlflow_ui_compare_page_shows_the_variant_runs(mlflow_server, runs, tmp_path):

@@ -80,6 +80,42 @@ def test_intervals_of_a_variant_right_everywhere_and_of_one_identical_to_the_bas
     assert "dev/overall" not in better.ci  # sst only: no overall score to bootstrap
 
 
+def test_any_pair_of_rows_is_bootstrapped_on_the_same_resamples_as_the_table(ablation):
+    """`same` predicts as the baseline does, so `better` against `same` is `better` against the
+    baseline resample for resample, and the pair taken the other way round is its negation."""
+    uri, parent, store = ablation
+    tags, groups = comparison.comparison(uri, parent)
+    differences.add_intervals(uri, parent, groups, "baseline", store)
+    found, note = differences.pair_differences(uri, parent, groups, [("better", "same"), ("same", "better"),
+                                                                     ("better", "nowhere")], store)
+    assert note is None and set(found) == {("better", "same"), ("same", "better")}
+    forward, backward = found[("better", "same")]["dev/sst_acc"], found[("same", "better")]["dev/sst_acc"]
+    assert differences.bootstrap.interval(forward) == groups[1].ci["dev/sst_acc"]
+    assert (forward == -backward).all() and forward.std() > 0
+
+
+def test_rows_that_share_their_evaluate_are_found_through_the_parents_shared_run(ablation):
+    """Two variants that resolve to the same config share one evaluate run under the parent
+    (tag shared_by); each row's predictions are that run's output."""
+    uri, _, store = ablation
+    experiment = tracking.ensure_experiment(uri, "differences")
+    parent = tracking.start_run(uri, experiment, "ablation twins", {"stage": "ablation",
+                                                                     "ablation_variants": "baseline,twin"})
+    tracking.start_run(uri, experiment, "data_prep", {"stage": "data_prep", "cache_key": "prep-twins"}, parent_id=parent)
+    write_data_prep(store, "prep-twins")
+    tracking.start_run(uri, experiment, "evaluate", {"stage": "evaluate", "cache_key": "twins", "shared_by": "baseline,twin"},
+                       parent_id=parent)
+    write_evaluate(store, "twins", [(g + 1) % 5 for g in GOLD])
+    for variant in ("baseline", "twin"):
+        run = tracking.start_run(uri, experiment, variant, {"stage": "variant", "ablation": variant, "seed": "1"},
+                                 parent_id=parent, params={"artifacts": str(store.root)})
+        tracking.log_metrics(uri, run, {"dev/sst_acc": 0.0})
+        tracking.end_run(uri, run)
+    tags, groups = comparison.comparison(uri, parent)
+    assert differences.add_intervals(uri, parent, groups, "baseline", store) is None
+    assert groups[1].ci["dev/sst_acc"] == (0.0, 0.0)
+
+
 def test_missing_outputs_are_said_not_raised(ablation):
     uri, parent, store = ablation
     shutil.rmtree(f"{store.root}/evaluate/same-2")

@@ -16,11 +16,11 @@ LAYERS = [
     ["constants", "yamlfile"],
     ["typed"],
     ["config_rules", "published"],
-    ["config"],
+    ["config", "claims"],
     ["store", "tracking", "grids", "search_space", "cron", "submission", "bootstrap"],
     ["prepare", "registry", "comparison", "lifecycle"],
     ["dag", "differences"],
-    ["tuning"],
+    ["tuning", "verdicts"],
     ["run", "ablate", "tune", "report", "leaderboard", "submit", "schedule", "predict", "sync"],  # the verbs
     ["cli"],
     ["__main__"],
