@@ -1,6 +1,7 @@
 # make run   - set up .venv if needed, then run pipeline.yaml on a local Ray
 # make test  - set up .venv (and Debian's chromium for the MLflow UI test) if needed, then the
 #              whole test suite (.ci/run calls this)
+# make test-fast - the tests that start no Ray, server, browser or CLI subprocess (~2 min)
 # make smoke - the same DAG on a tiny model and ~64 rows per split
 # make bench - the benchmark suite (bench/run.py, ~15 min on 2 CPUs); writes bench/RESULTS.md
 # make gpu-check - on a CUDA machine, bf16 throughput and 4 trials sharing the GPU (< 8 min); writes bench/GPU-RESULTS.md
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: run smoke test browser bench gpu-check clean
+.PHONY: run smoke test test-fast browser bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ smoke: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration" $(ARGS)
 
 # The MLflow UI check in tests/pipeline/test_ablate.py drives Debian's chromium headless; where it
 # cannot be installed (no root, no apt) that one test skips and says why.

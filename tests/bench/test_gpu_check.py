@@ -9,6 +9,8 @@ import torch
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.integration  # every test here runs a CLI subprocess, Ray or a server
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the check would run in full")
 def test_without_cuda_it_stops_at_once_with_one_line(tmp_path):

@@ -17,6 +17,8 @@ from pipeline import verdicts
 from pipeline.grids import load_grid_with_published
 from tests.conftest import REPO, MlflowServer, mlflow_runs, run_pipeline, write_experiment
 
+pytestmark = pytest.mark.integration  # every test here runs a CLI subprocess, Ray or a server
+
 GRID = """# test grid: two variants, and two claims on them (one helps, one the same pair reversed, hurts)
 variants:
   baseline: {}

@@ -8,6 +8,8 @@ import torch
 from stages.device import resolve_precision
 from tests.conftest import local_store, mlflow_runs, run_pipeline
 
+pytestmark = pytest.mark.integration  # every test here runs a CLI subprocess, Ray or a server
+
 STAGES = ["data_prep", "mlm_pretrain", "finetune", "evaluate"]
 
 

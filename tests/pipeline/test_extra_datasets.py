@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import children_of, mlflow_runs, run_pipeline, write_experiment
 
+pytestmark = pytest.mark.integration  # every test here runs a CLI subprocess, Ray or a server
+
 SICK_HEADER = "relatedness_score\tsentence_B\tpair_ID\tsentence_A\n"
 DATA = """  extra_eval:
     - name: sick

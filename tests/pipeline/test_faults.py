@@ -16,6 +16,8 @@ from pipeline.lifecycle import UNSENT_STATUS
 from tests.conftest import MlflowServer, children_of, mlflow_runs
 from tests.pipeline.test_reliability import finish, make_workdir, start_cli, wait_for
 
+pytestmark = pytest.mark.integration  # every test here runs a CLI subprocess, Ray or a server
+
 # finetune long enough (3 epochs of 60 steps on the tiny model) that a kill lands inside it
 LONG_FINETUNE = ["--set", "train.epochs=3", "--set", "train.steps_per_epoch=60", "--set", "train.checkpoint_every=20"]
 STAGES = ("data_prep", "finetune", "evaluate")

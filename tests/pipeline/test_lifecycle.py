@@ -117,6 +117,7 @@ def test_stale_runs_are_those_whose_driver_on_this_host_is_gone(tmp_path):
 # ---------------------------------------------------------------- every verb, the same way
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("verb", ["run", "ablate", "tune", "leaderboard"])
 def test_every_verb_stops_before_anything_when_mlflow_is_unreachable(verb, tmp_path, shared_data_dir):
     """Every verb that logs honours tracking.on_unreachable, tune and leaderboard included."""
@@ -130,6 +131,7 @@ def test_every_verb_stops_before_anything_when_mlflow_is_unreachable(verb, tmp_p
     assert made <= {"smoke-tiny-bert"}  # no stage output, no search folder
 
 
+@pytest.mark.integration
 def test_with_on_unreachable_local_the_leaderboard_logs_locally(tmp_path, shared_data_dir):
     write_experiment(tmp_path, "down", f"  uri: http://127.0.0.1:{closed_port()}\n  on_unreachable: local\n",
                      shared_data_dir)
@@ -139,6 +141,7 @@ def test_with_on_unreachable_local_the_leaderboard_logs_locally(tmp_path, shared
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("verb", ["run", "ablate", "tune"])
 def test_a_failure_after_the_runs_open_leaves_none_running(verb, tmp_path, shared_data_dir):
     """Ray cannot start (its temp dir is a file) once the parent run is open: an error no verb

@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import run_pipeline
 
+pytestmark = pytest.mark.integration  # every test here runs a CLI subprocess, Ray or a server
+
 
 @pytest.fixture(scope="module")
 def workdir(smoke_run):

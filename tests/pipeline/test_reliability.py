@@ -176,6 +176,7 @@ def test_forced_publish_replaces_and_a_dead_runs_leftovers_are_not_a_hit(tmp_pat
 # ---------------------------------------------------------------- the real CLI
 
 
+@pytest.mark.integration
 def test_unreachable_tracking_server_stops_before_any_stage(tmp_path, shared_data_dir):
     port = closed_port()
     work = make_workdir(tmp_path, "down", shared_data_dir, f"  uri: http://127.0.0.1:{port}\n")
@@ -202,6 +203,7 @@ def reference(tmp_path_factory, shared_data_dir):
     return work, proc, port
 
 
+@pytest.mark.integration
 def test_unreachable_tracking_server_with_local_fallback_keeps_going(reference):
     work, proc, port = reference
     assert "MLflow tracking server unreachable" in proc.stderr
@@ -213,6 +215,7 @@ def test_unreachable_tracking_server_with_local_fallback_keeps_going(reference):
     assert parent.data.metrics["dev/overall"] == dev_metrics(work)["dev/overall"]
 
 
+@pytest.mark.integration
 def test_same_config_and_seed_give_identical_dev_metrics(reference):
     work, _, _ = reference
     first = dev_metrics(work)
@@ -229,6 +232,7 @@ def test_same_config_and_seed_give_identical_dev_metrics(reference):
     assert drop_speed(rerun) == drop_speed(history)
 
 
+@pytest.mark.integration
 def test_kill_9_mid_epoch_then_rerun_resumes_to_the_uninterrupted_metrics(reference, tmp_path, shared_data_dir):
     ref_work, _, _ = reference
     work = make_workdir(tmp_path, "killed", shared_data_dir)
@@ -271,6 +275,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_the_uninterrupted_metrics(refere
     assert not list((work / "artifacts" / "finetune").glob("*/checkpoint"))
 
 
+@pytest.mark.integration
 def test_sigterm_mid_finetune_ends_the_runs_killed_as_ctrl_c_does(tmp_path, shared_data_dir):
     # kill, `ray job stop` and schedulers send SIGTERM; Ray's own handler would end the runs FAILED
     work = make_workdir(tmp_path, "sigterm", shared_data_dir)
@@ -290,6 +295,7 @@ def test_sigterm_mid_finetune_ends_the_runs_killed_as_ctrl_c_does(tmp_path, shar
     assert not list((work / "artifacts" / "finetune").glob("*/_SUCCESS"))
 
 
+@pytest.mark.integration
 def test_killed_ray_worker_is_retried_with_the_attempt_recorded(reference, tmp_path, shared_data_dir):
     ref_work, _, _ = reference
     work = make_workdir(tmp_path, "retry", shared_data_dir)
@@ -311,6 +317,7 @@ def test_killed_ray_worker_is_retried_with_the_attempt_recorded(reference, tmp_p
     assert dev_metrics(work) == dev_metrics(ref_work)  # resumed, not restarted with other randomness
 
 
+@pytest.mark.integration
 def test_failing_stage_marks_its_run_and_the_parent_failed(tmp_path, shared_data_dir):
     work = make_workdir(tmp_path, "fail", shared_data_dir)
     # Valid config, but nothing to train: finetune raises inside its Ray task.
@@ -331,6 +338,7 @@ def test_failing_stage_marks_its_run_and_the_parent_failed(tmp_path, shared_data
     assert leftovers(work) == []  # no checkpoint was written: nothing kept to resume
 
 
+@pytest.mark.integration
 def test_two_runs_at_once_on_one_store_both_succeed_with_one_output_per_key(tmp_path, shared_data_dir):
     work = make_workdir(tmp_path, "both", shared_data_dir)
     procs = [start_cli(work), start_cli(work)]

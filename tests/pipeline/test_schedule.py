@@ -46,6 +46,7 @@ def test_install_show_remove_touch_only_this_entry(config, tmp_path, capsys):
     assert crontab.read_text().splitlines() == ["MAILTO=me", "0 * * * * echo other job"]
 
 
+@pytest.mark.integration
 def test_the_entry_logs_stops_at_a_failure_and_never_overlaps(config, tmp_path):
     crontab = tmp_path / "crontab"
     assert cli.main(["schedule", "install", str(config), "--crontab-file", str(crontab)]) == 0

@@ -22,6 +22,8 @@ from pipeline.config import ConfigError
 from pipeline.submit import EXCLUDES, SubmitError, job_spec, local_token, parse_args, requirement_lines
 from tests.conftest import REPO, mlflow_runs, write_experiment
 
+pytestmark = pytest.mark.integration  # every test here runs a CLI subprocess, Ray or a server
+
 
 # ---------------------------------------------------------------- the job, without a cluster
 

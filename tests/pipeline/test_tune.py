@@ -15,6 +15,8 @@ from pipeline.config import PipelineConfig, flatten, load_config
 from stages.device import resolve_precision
 from tests.conftest import REPO, local_store, mlflow_runs, pipeline_env, run_pipeline, write_experiment
 
+pytestmark = pytest.mark.integration  # every test here runs a CLI subprocess, Ray or a server
+
 SPACE = REPO / "search_spaces" / "loss_and_sampling.yaml"
 ASKED = ("loss.weights.sst", "loss.weights.para", "loss.weights.sts", "train.alpha_start", "train.alpha_end",
          "train.lr")
