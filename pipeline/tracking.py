@@ -253,10 +253,9 @@ def _answered(uri: str, call):
                 raise
             if time.monotonic() >= deadline:
                 _offline.down, _offline.down_at = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", time.time()
-                where = f"kept in {_offline.file}" if _offline.file else "kept with the stage's result"
                 print(f"warning: MLflow at {uri} did not answer for {_offline.retry_seconds:g} s "
-                      f"(tracking.retry_seconds); the work goes on, what it does not record is {where}",
-                      file=sys.stderr, flush=True)
+                      f"(tracking.retry_seconds); going on without it: what is not recorded is kept, "
+                      f"and the command's last line says where", file=sys.stderr, flush=True)
                 raise TrackingDown(_offline.down) from None
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
