@@ -135,14 +135,14 @@ class ArtifactStore:
             return f"{base}/{MANIFEST}: unreadable ({type(e).__name__}: {e})"
         for rel, entry in manifest["files"].items():
             info = self.fs.get_file_info(f"{base}/{rel}")
-            if info.type == pafs.FileType.NotFound:
-                return f"{base}/{rel}: missing (published with {entry['size']} bytes)"
-            if info.size != entry["size"]:
-                return f"{base}/{rel}: {info.size} bytes, published with {entry['size']}"
+            size = None if info.type == pafs.FileType.NotFound else info.size
+            damage = _size_damage(f"{base}/{rel}", size, entry)
+            if damage:
+                return damage
         if self.is_local and manifest.get("check_hashes"):
             for rel, entry in manifest["files"].items():
                 if file_sha256(Path(base) / rel) != entry["sha256"]:
-                    return f"{base}/{rel}: its content changed after it was published (sha256 differs)"
+                    return f"{base}/{rel}: {CHANGED}"
         return None
 
     def discard(self, scratch: Path) -> None:
@@ -182,12 +182,21 @@ def damaged_folder(folder: Path) -> str | None:
         path = root / rel
         if inside != Path(".") and inside not in Path(rel).parents:
             continue
-        if not path.is_file():
-            return f"{path}: missing (published with {entry['size']} bytes)"
-        if path.stat().st_size != entry["size"]:
-            return f"{path}: {path.stat().st_size} bytes, published with {entry['size']}"
-        if file_sha256(path) != entry["sha256"]:
-            return f"{path}: its content changed after it was published (sha256 differs)"
+        damage = _size_damage(str(path), path.stat().st_size if path.is_file() else None, entry)
+        if damage or file_sha256(path) != entry["sha256"]:
+            return damage or f"{path}: {CHANGED}"
+    return None
+
+
+CHANGED = "its content changed after it was published (sha256 differs)"
+
+
+def _size_damage(path: str, size: int | None, entry: dict) -> str | None:
+    """What is wrong with a file of `size` bytes (None: missing) against its manifest entry, if anything."""
+    if size is None:
+        return f"{path}: missing (published with {entry['size']} bytes)"
+    if size != entry["size"]:
+        return f"{path}: {size} bytes, published with {entry['size']}"
     return None
 
 
